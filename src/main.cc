@@ -1,0 +1,213 @@
+// ternd: parse arguments, load configuration, recover the spool, start the shards, wait
+// for a signal. Everything else lives in the libraries (src/server, src/smtp, spool, net).
+#include <pthread.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <future>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "net/socket.hh"
+#include "spool/recovery.hh"
+#include "spool/scan.hh"
+#include "src/config/config.hh"
+#include "src/core/log.hh"
+#include "src/server/shard.hh"
+#include "tern_build.hh"
+
+#if __has_include(<mimalloc.h>) && !defined(__SANITIZE_ADDRESS__)
+#include <mimalloc.h>
+#define TERN_MIMALLOC 1
+#endif
+
+using namespace tern;
+
+namespace {
+
+uint64_t mono_us() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1000000 + uint64_t(ts.tv_nsec) / 1000;
+}
+
+int run(const config::config& cfg) {
+  uint64_t t0 = mono_us();
+  log::set_level(cfg.log_level == "debug" ? log::level::debug
+                 : cfg.log_level == "warning" ? log::level::warning
+                 : cfg.log_level == "error" ? log::level::error
+                                            : log::level::info);
+  // One fd per session slot plus listeners and spool, per shard.
+  unsigned ncpu = std::max(1u, std::thread::hardware_concurrency());
+  unsigned nshards = cfg.shards ? cfg.shards : ncpu;
+  rlimit rl{};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  rlim_t want = rlim_t(nshards) * (cfg.limits.connections + 64) + 256;
+  if (rl.rlim_cur < want) {
+    rl.rlim_cur = std::min(want, rl.rlim_max);
+    setrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < want)
+      log::warn("RLIMIT_NOFILE is {} but {} shards x {} connections need {}", rl.rlim_cur, nshards,
+                cfg.limits.connections, want);
+  }
+
+  // Recovery first: nothing is accepted until the queue is rebuilt.
+  std::vector<spool::queued_message> queue;
+  spool::recovery_report rep;
+  std::string err;
+  if (!spool::ensure_spool_dirs(cfg.spool.dir, err)) {
+    log::error("spool.dir: {}", err);
+    return 1;
+  }
+  if (!spool::recover_spool(cfg.spool.dir, true, queue, rep, err)) {
+    log::error("spool recovery failed: {}", err);
+    return 1;
+  }
+  for (auto& n : rep.notes) log::warn("spool recovery: {}", n);
+  log::info("spool recovery: {} segment(s), {} message record(s), {} done, {} queued, {} torn byte(s) truncated, "
+            "{} corrupt byte(s) quarantined, {} empty segment(s) removed",
+            rep.segments, rep.messages, rep.done, queue.size(), rep.torn_bytes, rep.quarantined_bytes,
+            rep.segments_removed);
+
+  // Listening sockets: one per shard per listener; port 0 is resolved once, then shared.
+  std::vector<std::vector<int>> fds(nshards);
+  std::vector<net::address> bound;
+  for (const auto& L : cfg.listen) {
+    net::address a = L.address;
+    for (unsigned s = 0; s < nshards; ++s) {
+      int fd = net::open_listener(a, 4096, err);
+      if (fd < 0) {
+        log::error("listen: {}", err);
+        return 1;
+      }
+      if (s == 0) a = net::local_address(fd);
+      fds[s].push_back(fd);
+    }
+    bound.push_back(a);
+  }
+
+  // Signals go to this thread only (sigwait below); shard threads inherit the mask.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGHUP);
+  sigaddset(&sigs, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+  std::vector<std::unique_ptr<server::shard>> shards;
+  std::vector<std::thread> threads;
+  std::vector<std::promise<std::string>> ready(nshards);
+  for (unsigned s = 0; s < nshards; ++s) {
+    server::shard_setup su;
+    su.index = s;
+    su.cpu = static_cast<int>(s % ncpu);
+    su.cfg = &cfg;
+    su.listen_fds = fds[s];
+    su.epoch_floor_ms = rep.max_epoch_ms;
+    su.segment_floor_id = rep.max_segment_id;
+    shards.push_back(std::make_unique<server::shard>(std::move(su)));
+  }
+  for (unsigned s = 0; s < nshards; ++s) {
+    threads.emplace_back([&, s] {
+      char name[16];
+      snprintf(name, sizeof name, "tern-shard%u", s);
+      pthread_setname_np(pthread_self(), name);
+      std::string e;
+      if (!shards[s]->init(e)) {
+        ready[s].set_value(e);
+        return;
+      }
+      ready[s].set_value("");
+      shards[s]->run();
+    });
+  }
+  bool failed = false;
+  for (unsigned s = 0; s < nshards; ++s) {
+    auto e = ready[s].get_future().get();
+    if (!e.empty()) {
+      log::error("shard {}: {}", s, e);
+      failed = true;
+    }
+  }
+  if (!failed) {
+    std::string where;
+    for (auto& b : bound) where += (where.empty() ? "" : ", ") + b.to_string();
+    log::info("ternd {} started in {} ms: {} shard(s), listening on {}, spool {}, hostname {}{}", TERN_VERSION,
+              (mono_us() - t0) / 1000, nshards, where, cfg.spool.dir, cfg.hostname,
+#ifdef TERN_MIMALLOC
+              fmt::format(", mimalloc {}", mi_version())
+#else
+              ""
+#endif
+    );
+    sd_notify(0, "READY=1");
+    for (;;) {
+      int sig = 0;
+      sigwait(&sigs, &sig);
+      if (sig == SIGHUP) {
+        log::warn("SIGHUP: configuration reload is not implemented yet; restart to apply changes");
+        continue;
+      }
+      if (sig == SIGPIPE) continue;
+      log::info("signal {}: stopping", sig == SIGTERM ? "TERM" : "INT");
+      sd_notify(0, "STOPPING=1");
+      break;
+    }
+  }
+  for (auto& sh : shards) sh->request_stop();
+  for (auto& t : threads) t.join();
+  uint64_t msgs = 0, conns = 0;
+  for (auto& sh : shards) {
+    msgs += sh->counters().messages.load();
+    conns += sh->counters().connections.load();
+  }
+  if (!failed) log::info("ternd stopped: {} connection(s), {} message(s) queued in this run", conns, msgs);
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"ternd: SMTP relay (thread-per-core, io_uring, durable spool)"};
+  std::string config_path, check_path;
+  bool version = false;
+  app.add_option("-c,--config", config_path, "configuration file (TOML); without it the embedded default");
+  app.add_option("--check-config", check_path, "validate a configuration file and exit");
+  app.add_flag("-V,--version", version, "print the version and exit");
+  bool print_default = false;
+  app.add_flag("--print-default-config", print_default, "print the embedded default configuration");
+  CLI11_PARSE(app, argc, argv);
+  if (version) {
+    printf("ternd %s\n", TERN_VERSION);
+    return 0;
+  }
+  if (print_default) {
+    fputs(config::embedded_default, stdout);
+    return 0;
+  }
+  std::string err;
+  if (!check_path.empty()) {
+    auto c = config::load_file(check_path, err);
+    if (!c) {
+      fprintf(stderr, "%s\n", err.c_str());
+      return 1;
+    }
+    printf("%s: configuration OK\n", check_path.c_str());
+    return 0;
+  }
+  auto cfg = config_path.empty() ? config::load_string(config::embedded_default, "(embedded default)", err)
+                                 : config::load_file(config_path, err);
+  if (!cfg) {
+    fprintf(stderr, "ternd: %s\n", err.c_str());
+    return 1;
+  }
+  return run(*cfg);
+}
