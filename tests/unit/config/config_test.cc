@@ -1,0 +1,83 @@
+#include "src/config/config.hh"
+
+#include <gtest/gtest.h>
+
+using namespace tern::config;
+
+namespace {
+std::string error_of(const std::string& text) {
+  std::string err;
+  auto c = load_string(text, "t.toml", err);
+  EXPECT_FALSE(c) << "accepted: " << text;
+  return err;
+}
+}  // namespace
+
+TEST(Config, EmbeddedDefault) {
+  std::string err;
+  auto c = load_string(embedded_default, "(embedded default)", err);
+  ASSERT_TRUE(c) << err;
+  ASSERT_EQ(c->listen.size(), 1u);
+  EXPECT_EQ(c->listen[0].address.to_string(), "127.0.0.1:2525");
+  EXPECT_EQ(c->relay.networks.size(), 2u);
+  EXPECT_EQ(c->spool.dir, "var/spool");
+  EXPECT_EQ(c->limits.message_size, 10u * 1024 * 1024);
+}
+
+TEST(Config, FullFile) {
+  std::string err;
+  auto c = load_string(R"(
+hostname = "relay.example.net"
+shards = 2
+[spool]
+dir = "/var/spool/tern"
+[[listen]]
+address = "0.0.0.0:25"
+[[listen]]
+address = "[::]:2526"
+proxy_protocol = true
+trusted_proxies = ["198.18.0.0/15", "::1"]
+proxy_timeout = 3
+[relay]
+networks = ["10.0.0.0/8"]
+domains = ["Example.COM", ".sub.example.org"]
+[limits]
+message_size = 1048576
+recipients = 50
+errors = 5
+)", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_EQ(c->hostname, "relay.example.net");
+  EXPECT_EQ(c->shards, 2u);
+  ASSERT_EQ(c->listen.size(), 2u);
+  EXPECT_TRUE(c->listen[1].proxy_protocol);
+  EXPECT_EQ(c->listen[1].proxy_timeout_ms, 3000u);
+  EXPECT_EQ(c->relay.domains[0], "example.com");
+  EXPECT_EQ(c->limits.recipients, 50u);
+}
+
+TEST(Config, ErrorsNameFileLineAndKey) {
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[limits]\nmessage_size = \"big\"\n"),
+            "t.toml:4: limits.message_size: expected an integer");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"localhost:25\"\n"),
+            "t.toml:2: listen.address: \"localhost:25\" is not IP:PORT or [IPv6]:PORT (names are not resolved)");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\nproxy_protcol = true\n"),
+            "t.toml:3: listen.proxy_protcol: unknown key");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[relay]\nnetworks = [\"10.1.2.3/8\"]\n"),
+            "t.toml:4: relay.networks: \"10.1.2.3/8\" is not a network (address/prefix with the host bits zero)");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\nproxy_protocol = true\n"),
+            "t.toml:3: listen.trusted_proxies: proxy_protocol = true needs trusted_proxies (the addresses of the proxies)");
+  EXPECT_EQ(error_of("shards = 1\n"), "t.toml:1: listen: at least one [[listen]] is required");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[limits]\nrecipients = 0\n"),
+            "t.toml:4: limits.recipients: must be between 1 and 100000");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[tuning]\nrecv_buffers = 100\n"),
+            "t.toml:4: tuning.recv_buffers: must be a power of two");
+  std::string syn = error_of("[[listen]\naddress = 1\n");
+  EXPECT_EQ(syn.rfind("t.toml:1: (syntax): ", 0), 0u) << syn;
+}
+
+TEST(Config, MissingFile) {
+  std::string err;
+  EXPECT_FALSE(load_file("/nonexistent/tern.toml", err));
+  EXPECT_EQ(err, "/nonexistent/tern.toml:0: (file): cannot open: No such file or directory");
+}
