@@ -1,0 +1,159 @@
+"""Fixtures for the integration tests: run the real ternd binary on free loopback ports
+in a temp directory, talk to it with real clients, inspect its spool with tern-spool."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TERND = os.environ.get("TERND", str(ROOT / "build/src/ternd"))
+BUILD = Path(os.environ.get("TERN_BUILD", str(ROOT / "build")))
+TERN_SPOOL = str(BUILD / "tools/tern-spool")
+TERN_LOAD = str(BUILD / "tools/tern-load")
+SANITIZED = os.environ.get("TERN_VARIANT") == "asan"
+
+
+def free_port(host="127.0.0.1"):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def toml_list(xs):
+    return "[" + ", ".join(f'"{x}"' for x in xs) + "]"
+
+
+class Ternd:
+    """One ternd process with its own config, spool and log in a temp directory."""
+
+    def __init__(self, tmp: Path, shards=1, listens=None, networks=("127.0.0.0/8", "::1"),
+                 domains=(), limits=None, spool=None, extra=""):
+        self.tmp = tmp
+        self.port = free_port()
+        self.spool = str(spool or tmp / "spool")
+        self.listens = listens if listens is not None else [{"address": f"127.0.0.1:{self.port}"}]
+        lines = [f'hostname = "relay.test"', f"shards = {shards}", "[spool]", f'dir = "{self.spool}"']
+        for l in self.listens:
+            lines.append("[[listen]]")
+            for k, v in l.items():
+                if isinstance(v, bool):
+                    lines.append(f"{k} = {'true' if v else 'false'}")
+                elif isinstance(v, (list, tuple)):
+                    lines.append(f"{k} = {toml_list(v)}")
+                elif isinstance(v, int):
+                    lines.append(f"{k} = {v}")
+                else:
+                    lines.append(f'{k} = "{v}"')
+        lines += ["[relay]", f"networks = {toml_list(networks)}", f"domains = {toml_list(domains)}"]
+        if limits:
+            lines.append("[limits]")
+            lines += [f"{k} = {v}" for k, v in limits.items()]
+        self.config = tmp / "tern.toml"
+        self.config.write_text("\n".join(lines) + "\n" + extra)
+        self.logpath = tmp / "ternd.log"
+        self.proc = None
+
+    def start(self, timeout=15):
+        self.logf = open(self.logpath, "ab")
+        self.proc = subprocess.Popen([TERND, "--config", str(self.config)], stdout=self.logf,
+                                     stderr=self.logf, cwd=self.tmp)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ternd exited {self.proc.returncode}:\n{self.log()}")
+            if " started in " in self.log():
+                # The last start's line; restarts append to the same log.
+                if self.log().count(" started in ") >= self.starts + 1:
+                    self.starts += 1
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError("ternd did not start:\n" + self.log())
+
+    starts = 0
+
+    def log(self):
+        return self.logpath.read_text(errors="replace") if self.logpath.exists() else ""
+
+    def stop(self, timeout=20):
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            raise AssertionError("ternd did not stop on SIGTERM:\n" + self.log())
+        self.logf.close()
+        return rc
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.logf.close()
+
+    def spool_list(self, all=False):
+        args = [TERN_SPOOL, "--json", "list", self.spool] + (["--all"] if all else [])
+        return json.loads(subprocess.check_output(args))
+
+    def spool_dump(self, qid):
+        return json.loads(subprocess.check_output([TERN_SPOOL, "--json", "dump", self.spool, qid]))
+
+    def spool_check(self):
+        return subprocess.run([TERN_SPOOL, "check", self.spool], capture_output=True, text=True)
+
+
+@pytest.fixture
+def ternd_factory(tmp_path):
+    started = []
+
+    def make(**kw):
+        t = Ternd(tmp_path, **kw)
+        started.append(t)
+        return t
+
+    yield make
+    for t in started:
+        if t.proc and t.proc.poll() is None:
+            rc = t.stop()
+            assert rc == 0, f"ternd exited {rc} on SIGTERM (sanitizer report?):\n{t.log()[-4000:]}"
+
+
+@pytest.fixture
+def ternd(ternd_factory):
+    return ternd_factory().start()
+
+
+def smtp_dialogue(port, lines, host="127.0.0.1", prefix=b"", timeout=5):
+    """Send raw bytes, return everything the server said until it closes or goes quiet."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        if prefix:
+            s.sendall(prefix)
+        out = b""
+        s.settimeout(timeout)
+        out += recv_reply(s)
+        for l in lines:
+            s.sendall(l)
+            out += recv_reply(s)
+        return out
+
+
+def recv_reply(s, quiet=0.3):
+    """Read until a complete final reply line arrived and the server is quiet."""
+    buf = b""
+    s.settimeout(quiet if buf else 5)
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            return buf
+        if not chunk:
+            return buf
+        buf += chunk
+        s.settimeout(quiet)
