@@ -65,8 +65,9 @@ int main(int argc, char** argv) {
   std::string dir;
   auto* list = app.add_subcommand("list", "list queued messages (those without a done record)");
   list->add_option("dir", dir, "spool directory")->required();
-  bool all = false;
+  bool all = false, with_content = false;
   list->add_flag("--all", all, "include messages that have a done record");
+  list->add_flag("--content", with_content, "with --json: include each message's content");
   auto* dump = app.add_subcommand("dump", "show one message: envelope and content");
   std::string id;
   dump->add_option("dir", dir, "spool directory")->required();
@@ -123,7 +124,9 @@ int main(int argc, char** argv) {
                    n ? "," : "", json_str(m.id), json_str(when(m.arrival_us)), m.content.size(), json_str(m.mail_from),
                    json_str(m.client_ip), json_str(m.helo), is_done ? "true" : "false");
         for (size_t i = 0; i < rcpts.size(); ++i) fmt::print("{}{}", i ? "," : "", json_str(rcpts[i]));
-        fmt::print("]}}");
+        fmt::print("]");
+        if (with_content) fmt::print(",\"content\":{}", json_str(m.content));
+        fmt::print("}}");
       } else {
         if (n == 0) fmt::print("{:<18} {:>8} {:<20}  {}\n", "-Queue ID-", "-Size-", "-Arrival Time-", "-Sender/Recipient-");
         fmt::print("{:<18}{} {:>8} {:<20}  {}\n", m.id, is_done ? "-" : " ", m.content.size(), when(m.arrival_us),
