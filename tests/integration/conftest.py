@@ -80,6 +80,16 @@ class Ternd:
     def log(self):
         return self.logpath.read_text(errors="replace") if self.logpath.exists() else ""
 
+    def wait_log(self, text, timeout=5):
+        """Shards flush their log lines once per loop iteration, so a line can land just
+        after the client saw the effect: wait for it (bounded) rather than race it."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log():
+                return True
+            time.sleep(0.02)
+        return False
+
     def stop(self, timeout=20):
         if not self.proc or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0

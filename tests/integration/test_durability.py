@@ -126,7 +126,7 @@ def test_enospc_gives_451_then_refuses_then_recovers(ternd_factory, tmp_path):
         replies = [send_one(t.port, 100_000) for _ in range(8)]
         ok = [r for r in replies if b"250 2.0.0 Ok: queued as" in r]
         assert any(b"451 4.3.0" in r for r in replies), replies
-        assert "No space left on device" in t.log()
+        assert t.wait_log("No space left on device"), t.log()[-3000:]
         # Unhealthy: new sessions are refused up front (haproxy's check sees it too).
         r = send_one(t.port, 1000)
         assert r.startswith(b"421 4.3.0") or b"452 4.3.1" in r, r
@@ -138,7 +138,7 @@ def test_enospc_gives_451_then_refuses_then_recovers(ternd_factory, tmp_path):
                 break
             time.sleep(0.2)
         assert b"250 2.0.0 Ok: queued as" in r, r
-        assert "is writable again" in t.log()
+        assert t.wait_log("is writable again"), t.log()[-3000:]
         assert t.stop() == 0
         chk = t.spool_check()
         assert chk.returncode == 0, chk.stdout

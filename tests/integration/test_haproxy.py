@@ -57,7 +57,7 @@ backend tern
         assert len(q) == 1
         m = t.spool_dump(q[0]["id"])
         assert m["client"] == "127.0.0.2" and m["peer"] == "127.0.0.3"
-        assert "proxy=[127.0.0.3]" in t.log()
+        assert t.wait_log("proxy=[127.0.0.3]"), t.log()[-3000:]
     finally:
         hp.terminate()
         hp.wait(10)

@@ -30,7 +30,7 @@ def test_smtplib_message_is_spooled_with_envelope_and_received(ternd):
     assert m["helo"] == "client.test"
     assert m["content"].startswith("Received: from client.test ([127.0.0.1])\r\n\tby relay.test (tern) with ESMTP id ")
     assert m["content"].endswith("\r\n\r\nfirst line\r\n.starts with a dot\r\n")
-    assert f"{q[0]['id']}: client=unknown[127.0.0.1], helo=<client.test>, from=<alice@example.org>" in ternd.log()
+    assert ternd.wait_log(f"{q[0]['id']}: client=unknown[127.0.0.1], helo=<client.test>, from=<alice@example.org>"), ternd.log()[-3000:]
 
 
 def test_queue_id_in_250_matches_spool(ternd):
@@ -164,7 +164,7 @@ def test_session_slots_exhausted_answers_421_then_recovers(ternd_factory):
         time.sleep(0.05)
     assert ok, t.log()
     held[1].close()
-    assert "all 2 session slots busy" in t.log()
+    assert t.wait_log("all 2 session slots busy"), t.log()[-3000:]
 
 
 def test_check_config_reports_file_line_key(tmp_path):

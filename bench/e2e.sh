@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# End-to-end accept rate: Debian's postfix (a relay with its default fsync behaviour) and
+# ternd, measured in one run on this machine with the same clients, and the ratio.
+#
+#   bench/e2e.sh [messages]          (as root; builds ternd first if needed)
+#
+# Table 1: postfix's smtp-source, 50 sessions, 2 KiB messages, one message per connection
+#          (smtp-source's default), against: smtp-sink (the client's own ceiling, no disk),
+#          postfix (relaying to smtp-sink), ternd.
+# Table 2: tern-load, 50 sessions, 2 KiB, 100 messages per connection, PIPELINING,
+#          against postfix and ternd.
+# Both servers acknowledge a message only after fsync (postfix: cleanup fsyncs the queue
+# file; ternd: group-commit fdatasync). Spools are on the same disk (/var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-20000}
+ROOT=$PWD
+[ -x build/src/ternd ] || { tools/setup.sh; meson setup build -Dbuildtype=release >/dev/null; ninja -C build; }
+W=$(mktemp -d /var/tmp/tern-bench.XXXXXX)
+chmod 755 "$W"
+cleanup() {
+  postfix -c "$W/pf/etc" stop >/dev/null 2>&1 || true
+  [ -n "${TERN_PID:-}" ] && kill "$TERN_PID" 2>/dev/null || true
+  [ -n "${SINK_PID:-}" ] && kill "$SINK_PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+SINK=$(free_port); PF=$(free_port); TN=$(free_port)
+
+# smtp-sink: where postfix relays to, and the client's own ceiling.
+smtp-sink -c -u postfix 127.0.0.1:$SINK 1024 >/dev/null 2>&1 & SINK_PID=$!
+
+# A private postfix instance (its own config, queue and data directories).
+mkdir -p "$W/pf/etc" "$W/pf/queue" "$W/pf/data"
+cp /usr/share/postfix/master.cf.dist "$W/pf/etc/master.cf"
+cat > "$W/pf/etc/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $W/pf/queue
+data_directory = $W/pf/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = bench.test
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+relayhost = [127.0.0.1]:$SINK
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+default_process_limit = 200
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtp_tls_security_level = none
+maillog_file = $W/pf/maillog
+CF
+postconf -c "$W/pf/etc" -M# smtp/inet >/dev/null
+postconf -c "$W/pf/etc" -M "127.0.0.1:$PF/inet=127.0.0.1:$PF inet n - n - - smtpd"
+postconf -c "$W/pf/etc" -M "postlog/unix-dgram=postlog unix-dgram n - n - 1 postlogd"
+postconf -c "$W/pf/etc" -F '*/*/chroot = n'
+postfix -c "$W/pf/etc" check >/dev/null 2>&1 || true
+postfix -c "$W/pf/etc" start >/dev/null 2>&1
+
+# ternd on the same disk.
+cat > "$W/tern.toml" <<CF
+hostname = "bench.test"
+[spool]
+dir = "$W/tern-spool"
+[[listen]]
+address = "127.0.0.1:$TN"
+[relay]
+networks = ["127.0.0.0/8"]
+CF
+build/src/ternd --config "$W/tern.toml" 2>"$W/ternd.log" & TERN_PID=$!
+
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; return 1; }
+wait_port $SINK; wait_port $PF; wait_port $TN
+
+rate() {  # command... -> msg/s (N / wall time)
+  local t0 t1
+  t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N)
+  python3 -c "print(f'{$N/($t1-$t0):.0f}')"
+}
+ss_run() { smtp-source -s 50 -l 2048 -m "$N" -f bench@example.org -t sink@example.net 127.0.0.1:$1; }
+tl_run() { build/tools/tern-load --port "$1" -s 50 -m "$N" -l 2048 -n 100 -p; }
+
+pf_queue_empty() { [ -z "$(find "$W/pf/queue/incoming" "$W/pf/queue/active" "$W/pf/queue/deferred" "$W/pf/queue/maildrop" -type f 2>/dev/null | head -1)" ]; }
+
+echo "tern e2e benchmark: $N messages of 2 KiB, 50 sessions, $(nproc) cores, $(uname -r)"
+echo
+sink=$(rate ss_run $SINK)
+t0=$(date +%s.%N); ss_run $PF >/dev/null 2>&1; t1=$(date +%s.%N)
+while ! pf_queue_empty; do sleep 0.2; done; t2=$(date +%s.%N)
+pf=$(python3 -c "print(f'{$N/($t1-$t0):.0f}')"); pf_e2e=$(python3 -c "print(f'{$N/($t2-$t0):.0f}')")
+tn=$(rate ss_run $TN)
+printf '%-44s %10s\n' "smtp-source (1 msg/conn) into" "msg/s"
+printf '%-44s %10s\n' "smtp-sink (client ceiling, no disk)" "$sink"
+printf '%-44s %10s   (end to end incl. relay: %s)\n' "postfix 3.7 (fsync, relays to smtp-sink)" "$pf" "$pf_e2e"
+printf '%-44s %10s\n' "ternd (group-commit fdatasync)" "$tn"
+python3 -c "print(f'ternd / postfix = {$tn/$pf:.1f}x; ternd / client ceiling = {100*$tn/$sink:.0f}%')"
+echo
+while ! pf_queue_empty; do sleep 0.2; done
+pf2=$(rate tl_run $PF)
+while ! pf_queue_empty; do sleep 0.2; done
+tn2=$(rate tl_run $TN)
+printf '%-44s %10s\n' "tern-load (100 msg/conn, PIPELINING) into" "msg/s"
+printf '%-44s %10s\n' "postfix 3.7" "$pf2"
+printf '%-44s %10s\n' "ternd" "$tn2"
+python3 -c "print(f'ternd / postfix = {$tn2/$pf2:.1f}x')"
+grep -c ": client=" "$W/ternd.log" >/dev/null || true
