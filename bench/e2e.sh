@@ -21,6 +21,7 @@ chmod 755 "$W"
 cleanup() {
   postfix -c "$W/pf/etc" stop >/dev/null 2>&1 || true
   [ -n "${TERN_PID:-}" ] && kill "$TERN_PID" 2>/dev/null || true
+  [ -n "${TERN2_PID:-}" ] && kill "$TERN2_PID" 2>/dev/null || true
   [ -n "${SINK_PID:-}" ] && kill "$SINK_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$W"
@@ -35,6 +36,7 @@ smtp-sink -c -u postfix 127.0.0.1:$SINK 1024 >/dev/null 2>&1 & SINK_PID=$!
 
 # A private postfix instance (its own config, queue and data directories).
 mkdir -p "$W/pf/etc" "$W/pf/queue" "$W/pf/data"
+chown postfix:postfix "$W/pf/data"
 cp /usr/share/postfix/master.cf.dist "$W/pf/etc/master.cf"
 cat > "$W/pf/etc/main.cf" <<CF
 compatibility_level = 3.6
@@ -75,9 +77,14 @@ address = "127.0.0.1:$TN"
 networks = ["127.0.0.0/8"]
 CF
 build/src/ternd --config "$W/tern.toml" 2>"$W/ternd.log" & TERN_PID=$!
+# The same with [tuning] pin_shards = false, on its own port and spool.
+TN2=$(free_port)
+sed -e "s/127.0.0.1:$TN/127.0.0.1:$TN2/" -e "s#tern-spool#tern-spool2#" "$W/tern.toml" > "$W/tern2.toml"
+printf '[tuning]\npin_shards = false\n' >> "$W/tern2.toml"
+build/src/ternd --config "$W/tern2.toml" 2>"$W/ternd2.log" & TERN2_PID=$!
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; return 1; }
-wait_port $SINK; wait_port $PF; wait_port $TN
+wait_port $SINK; wait_port $PF; wait_port $TN; wait_port $TN2
 
 rate() {  # command... -> msg/s (N / wall time)
   local t0 t1
@@ -96,18 +103,21 @@ t0=$(date +%s.%N); ss_run $PF >/dev/null 2>&1; t1=$(date +%s.%N)
 while ! pf_queue_empty; do sleep 0.2; done; t2=$(date +%s.%N)
 pf=$(python3 -c "print(f'{$N/($t1-$t0):.0f}')"); pf_e2e=$(python3 -c "print(f'{$N/($t2-$t0):.0f}')")
 tn=$(rate ss_run $TN)
+tn_np=$(rate ss_run $TN2)
 printf '%-44s %10s\n' "smtp-source (1 msg/conn) into" "msg/s"
 printf '%-44s %10s\n' "smtp-sink (client ceiling, no disk)" "$sink"
 printf '%-44s %10s   (end to end incl. relay: %s)\n' "postfix 3.7 (fsync, relays to smtp-sink)" "$pf" "$pf_e2e"
-printf '%-44s %10s\n' "ternd (group-commit fdatasync)" "$tn"
-python3 -c "print(f'ternd / postfix = {$tn/$pf:.1f}x; ternd / client ceiling = {100*$tn/$sink:.0f}%')"
+printf '%-44s %10s\n' "ternd (defaults: one pinned shard per core)" "$tn"
+printf '%-44s %10s\n' "ternd ([tuning] pin_shards = false)" "$tn_np"
+python3 -c "print(f'ternd / postfix = {$tn/$pf:.1f}x (pinned), {$tn_np/$pf:.1f}x (unpinned); of the client ceiling: {100*$tn/$sink:.0f}% / {100*$tn_np/$sink:.0f}%')"
 echo
 while ! pf_queue_empty; do sleep 0.2; done
 pf2=$(rate tl_run $PF)
 while ! pf_queue_empty; do sleep 0.2; done
 tn2=$(rate tl_run $TN)
+tn2_np=$(rate tl_run $TN2)
 printf '%-44s %10s\n' "tern-load (100 msg/conn, PIPELINING) into" "msg/s"
 printf '%-44s %10s\n' "postfix 3.7" "$pf2"
-printf '%-44s %10s\n' "ternd" "$tn2"
-python3 -c "print(f'ternd / postfix = {$tn2/$pf2:.1f}x')"
-grep -c ": client=" "$W/ternd.log" >/dev/null || true
+printf '%-44s %10s\n' "ternd (defaults)" "$tn2"
+printf '%-44s %10s\n' "ternd (pin_shards = false)" "$tn2_np"
+python3 -c "print(f'ternd / postfix = {$tn2/$pf2:.1f}x (pinned), {$tn2_np/$pf2:.1f}x (unpinned)')"

@@ -49,6 +49,7 @@ class writer {
   bool healthy() const noexcept { return healthy_; }
   const std::string& last_error() const noexcept { return last_error_; }
   bool idle() const noexcept { return !in_flight_ && pending_.empty(); }
+  bool in_flight() const noexcept { return in_flight_; }
 
   // Queue a finished record. The memory must stay valid and unchanged until the token's
   // result is delivered. When unhealthy the token fails at the next flush.

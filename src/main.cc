@@ -108,7 +108,7 @@ int run(const config::config& cfg) {
   for (unsigned s = 0; s < nshards; ++s) {
     server::shard_setup su;
     su.index = s;
-    su.cpu = static_cast<int>(s % ncpu);
+    su.cpu = cfg.tuning.pin_shards ? static_cast<int>(s % ncpu) : -1;
     su.cfg = &cfg;
     su.listen_fds = fds[s];
     su.epoch_floor_ms = rep.max_epoch_ms;

@@ -219,7 +219,8 @@ config parse(const ctx& c, const toml::table& root) {
   }
 
   if (auto* t = get_table(c, root, "tuning")) {
-    check_keys(c, *t, "tuning.", {"recv_buffers", "recv_buffer_size"});
+    check_keys(c, *t, "tuning.", {"recv_buffers", "recv_buffer_size", "pin_shards"});
+    cfg.tuning.pin_shards = get_bool(c, *t, "pin_shards", "tuning.pin_shards", true);
     cfg.tuning.recv_buffers = get_int<uint32_t>(c, *t, "recv_buffers", "tuning.recv_buffers",
                                                 cfg.tuning.recv_buffers, 1, 32768);
     if (cfg.tuning.recv_buffers & (cfg.tuning.recv_buffers - 1))

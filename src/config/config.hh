@@ -52,6 +52,7 @@ struct config {
   struct {
     uint32_t recv_buffers = 1024;      // provided-buffer ring entries per shard (power of 2)
     uint32_t recv_buffer_size = 16384;
+    bool pin_shards = true;            // pin shard i to core i % ncpu
   } tuning;
   std::string log_level = "info";
 };

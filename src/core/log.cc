@@ -12,6 +12,7 @@ namespace {
 std::atomic<int> min_level{static_cast<int>(level::info)};
 thread_local bool buffered = false;
 thread_local std::string buf;
+const int pid = getpid();
 
 void write_all(const char* p, size_t n) noexcept {
   while (n > 0) {
@@ -40,25 +41,40 @@ void flush() noexcept {
   }
 }
 
-void write_line(level l, std::string_view line) noexcept {
+namespace detail {
+std::string& begin_line(level l) noexcept {
   struct timeval tv;
   gettimeofday(&tv, nullptr);
   struct tm tm;
   gmtime_r(&tv.tv_sec, &tm);
   static const char* names[] = {"debug: ", "", "warning: ", "error: "};
-  char head[64];
+  char head[96];
   size_t h = strftime(head, sizeof head, "%Y-%m-%dT%H:%M:%S", &tm);
-  h += static_cast<size_t>(snprintf(head + h, sizeof head - h, ".%03dZ ternd[%d]: ",
-                                    static_cast<int>(tv.tv_usec / 1000), getpid()));
+  h += static_cast<size_t>(snprintf(head + h, sizeof head - h, ".%03dZ ternd[%d]: %s",
+                                    static_cast<int>(tv.tv_usec / 1000), pid, names[static_cast<int>(l)]));
   try {
     buf.append(head, h);
-    buf.append(names[static_cast<int>(l)]);
-    buf.append(line);
+  } catch (...) {
+  }
+  return buf;
+}
+
+void end_line() noexcept {
+  try {
     buf.push_back('\n');
   } catch (...) {
-    return;
   }
   if (!buffered || buf.size() > 64 * 1024) flush();
+}
+}  // namespace detail
+
+void write_line(level l, std::string_view line) noexcept {
+  std::string& b = detail::begin_line(l);
+  try {
+    b.append(line);
+  } catch (...) {
+  }
+  detail::end_line();
 }
 
 std::string sanitize(std::string_view s, size_t max) {

@@ -226,6 +226,12 @@ void shard::run() {
     log::flush();
     if (stopping_ && ((free_.size() == nslots_ && writer_.idle()) || now_ms() >= stop_deadline_ms_)) break;
   }
+  log::info("shard {}: stopped: connections={} messages={} spool_batches={} ({:.1f} messages per fdatasync) "
+            "spool_failures={} refused_full={} refused_untrusted={} proxy_errors={} enobufs={}",
+            setup_.index, ctr_.connections.load(), ctr_.messages.load(), writer_.batches(),
+            writer_.batches() ? double(writer_.records()) / double(writer_.batches()) : 0.0,
+            ctr_.spool_failures.load(), ctr_.refused_full.load(), ctr_.refused_untrusted.load(),
+            ctr_.proxy_errors.load(), ctr_.enobufs.load());
   log::buffer_this_thread(false);
 }
 

@@ -252,9 +252,7 @@ void session::cmd_rcpt(std::string_view arg) {
   if (nrcpt_ >= pol_->limits.recipients) return reply_error("452 4.5.3 Error: too many recipients");
   if (!relay_allowed(a.address)) {
     ++n_rejected_;
-    out_.append("554 5.7.1 <");
-    out_.append(log::sanitize(a.address));
-    out_.append(">: Relay access denied\r\n");
+    fmt::format_to(std::back_inserter(out_), "554 5.7.1 <{}>: Relay access denied\r\n", log::safe{a.address});
     if (++errors_ >= pol_->limits.errors) {
       fmt::format_to(std::back_inserter(out_), "421 4.7.0 {} Error: too many errors\r\n", pol_->hostname);
       close_ = true;
@@ -372,11 +370,11 @@ void session::begin_message() {
   rfc5322_date(now, date);
   // Received: (RFC 5321 4.4) with the real client address, from PROXY when trusted.
   fmt::format_to(std::back_inserter(msg_), "Received: from {} ({}[{}])\r\n\tby {} (tern) with {} id {}",
-                 log::sanitize(helo_, 255), ci_.client.family() == AF_INET6 ? "IPv6:" : "", client_ip,
+                 log::safe{helo_, 255}, ci_.client.family() == AF_INET6 ? "IPv6:" : "", client_ip,
                  pol_->hostname, esmtp_ ? (smtputf8_ ? "UTF8SMTP" : "ESMTP") : "SMTP",
                  std::string_view(id_, queue_id_len));
   if (nrcpt_ == 1)
-    fmt::format_to(std::back_inserter(msg_), "\r\n\tfor <{}>", log::sanitize(first_rcpt_, 256));
+    fmt::format_to(std::back_inserter(msg_), "\r\n\tfor <{}>", log::safe{first_rcpt_, 256});
   fmt::format_to(std::back_inserter(msg_), "; {}\r\n", date);
   dot_.reset(pol_->limits.message_size);
   eol_.reset();
@@ -414,9 +412,9 @@ void session::commit_done(bool ok) {
     fmt::format_to(std::back_inserter(out_), "250 2.0.0 Ok: queued as {}\r\n", std::string_view(id_, queue_id_len));
     if (log::enabled(log::level::info)) {
       std::string_view id(id_, queue_id_len);
-      log::info("{}: client=unknown[{}]{}{}, helo=<{}>, from=<{}>, size={}, nrcpt={}", id, ci_.client.ip(),
-                ci_.proxied ? ", proxy=" : "", ci_.proxied ? "[" + ci_.peer.ip() + "]" : std::string(),
-                log::sanitize(helo_), log::sanitize(mail_from_), msg_.size() - content_start_, nrcpt_);
+      log::info("{}: client=unknown[{}]{}{}{}, helo=<{}>, from=<{}>, size={}, nrcpt={}", id, ci_.client.ip(),
+                ci_.proxied ? ", proxy=[" : "", ci_.proxied ? ci_.peer.ip() : std::string(), ci_.proxied ? "]" : "",
+                log::safe{helo_}, log::safe{mail_from_}, msg_.size() - content_start_, nrcpt_);
     }
   } else {
     reply("451 4.3.0 Error: queue file write error, try again later");
@@ -464,10 +462,13 @@ void session::shutdown() {
 
 void session::log_disconnect(bool lost) const {
   if (!log::enabled(log::level::info)) return;
-  log::info("{} from unknown[{}]{}{} commands={} queued={} rejected={} errors={}",
-            lost ? "lost connection" : "disconnect", ci_.client.ip(), ci_.proxied ? fmt::format(" proxy=[{}] proxy_v{}", ci_.peer.ip(), ci_.proxy_version) : "",
-            helo_.empty() ? "" : " helo=<" + log::sanitize(helo_) + ">", n_cmds_, n_queued_,
-            n_rejected_, errors_);
+  // Formatted in place (no temporary strings): this runs once per connection.
+  std::string proxy_ip = ci_.proxied ? ci_.peer.ip() : std::string();
+  log::info("{} from unknown[{}]{}{}{}{}{}{}{} commands={} queued={} rejected={} errors={}",
+            lost ? "lost connection" : "disconnect", ci_.client.ip(), ci_.proxied ? " proxy=[" : "", proxy_ip,
+            ci_.proxied ? "] proxy_v" : "", ci_.proxied ? (ci_.proxy_version == 1 ? "1" : "2") : "",
+            helo_.empty() ? "" : " helo=<", log::safe{helo_, helo_.empty() ? 0u : 256u}, helo_.empty() ? "" : ">",
+            n_cmds_, n_queued_, n_rejected_, errors_);
 }
 
 }  // namespace tern::smtp

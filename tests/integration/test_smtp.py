@@ -207,3 +207,19 @@ def test_embedded_default_starts_and_serves(tmp_path):
     finally:
         p.terminate()
         assert p.wait(20) == 0
+
+
+def test_tiny_receive_ring_forces_enobufs_and_loses_nothing(ternd_factory):
+    """Two 512-byte receive buffers for the shard: multishot recvs run out of buffers
+    (-ENOBUFS) all the time and must be re-armed as flow control, not treated as errors."""
+    t = ternd_factory(extra="[tuning]\nrecv_buffers = 2\nrecv_buffer_size = 512\n").start()
+    r = subprocess.run([TERN_LOAD, "--port", str(t.port), "-s", "16", "-m", "400", "-n", "25", "-l", "20000", "-p"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "accepted=400 rejected=0" in r.stdout
+    q = t.spool_list()
+    assert len(q) == 400 and all(m["size"] > 20000 for m in q)
+    assert t.stop() == 0
+    import re
+    m = re.search(r"shard 0: stopped: .* enobufs=(\d+)", t.log())
+    assert m and int(m.group(1)) > 0, t.log()[-2000:]

@@ -25,7 +25,7 @@ struct ring_fixture {
   // Submit and reap until the writer reports the batch.
   void complete(writer& w, std::vector<writer::result>& out) {
     io_uring_submit(&ring);
-    while (!w.idle()) {
+    while (w.in_flight()) {
       io_uring_cqe* cqe;
       ASSERT_EQ(io_uring_wait_cqe(&ring, &cqe), 0);
       uint64_t d = cqe->user_data;
@@ -148,4 +148,38 @@ TEST(Writer, RotatesSegments) {
     r.complete(w, out);
   }
   EXPECT_GE(list_segments(t.path).size(), 2u);
+}
+
+TEST(Writer, EioOnFsyncFailsTheBatch) {
+  tmpdir t;
+  std::string err;
+  ASSERT_TRUE(ensure_spool_dirs(t.path, err));
+  writer w;
+  writer::options o;
+  o.dir = t.path;
+  ASSERT_TRUE(w.open(o, err)) << err;
+  ring_fixture r;
+  std::string a = make_msg(w), b = make_msg(w), c = make_msg(w);
+  std::vector<writer::result> out;
+  w.append(a.data(), a.size(), 1);
+  w.append(b.data(), b.size(), 2);
+  w.inject_failure(EIO);
+  ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+  // Arrives while the failing batch is in flight: it belongs to the next batch.
+  w.append(c.data(), c.size(), 3);
+  r.complete(w, out);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_FALSE(out[0].ok);
+  EXPECT_FALSE(out[1].ok);
+  EXPECT_EQ(w.last_error(), "Input/output error");
+  out.clear();
+  EXPECT_FALSE(w.flush(&r.ring, 1, 2, out));  // unhealthy: refused without I/O
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].token, 3u);
+  EXPECT_FALSE(out[0].ok);
+  std::vector<queued_message> q;
+  recovery_report rep;
+  ASSERT_TRUE(recover_spool(t.path, false, q, rep, err));
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(rep.torn_bytes, 0u);
 }
