@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(
   # build
-  g++ meson ninja-build pkg-config
+  g++ meson ninja-build pkg-config clang libclang-rt-14-dev
   liburing-dev libwolfssl-dev libmimalloc-dev libdpdk-dev libtomlplusplus-dev
   libcli11-dev libfmt-dev libsystemd-dev
   libgtest-dev libgmock-dev libbenchmark-dev

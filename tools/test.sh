@@ -47,6 +47,9 @@ else
   build_failures=$((build_failures+1))
 fi
 
+echo "== fuzz smoke (libFuzzer, clang, ASan+UBSan)"
+JUNIT_DIR="$results" tests/fuzz/run.sh "${TERN_FUZZ_SECONDS:-15}" || true
+
 $py - "$results" "$build_failures" <<'PY'
 import glob, sys, xml.etree.ElementTree as ET
 passed = failed = skipped = 0
