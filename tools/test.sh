@@ -48,7 +48,8 @@ else
 fi
 
 echo "== fuzz smoke (libFuzzer, clang, ASan+UBSan)"
-JUNIT_DIR="$results" tests/fuzz/run.sh "${TERN_FUZZ_SECONDS:-15}" || true
+JUNIT_DIR="$results" tests/fuzz/run.sh "${TERN_FUZZ_SECONDS:-15}" \
+  || ls "$results"/fuzz-*.xml >/dev/null 2>&1 || echo "fuzz targets did not build" >"$results/fuzz.crash"
 
 $py - "$results" "$build_failures" <<'PY'
 import glob, sys, xml.etree.ElementTree as ET

@@ -248,7 +248,12 @@ void shard::on_cqe(const io_uring_cqe* cqe) {
       stopping_ = true;
       stop_deadline_ms_ = now_ms() + 5000;
       for (uint32_t li = 0; li < setup_.listen_fds.size(); ++li) {
-        ::close(setup_.listen_fds[li]);  // the kernel ends the multishot accepts
+        if (accept_armed_[li]) {  // the armed accept holds the socket open: cancel it
+          auto* s = sqe();
+          io_uring_prep_cancel64(s, ud(op::accept, 0, li), 0);
+          io_uring_sqe_set_data64(s, ud(op::cancel, 0, 0));
+        }
+        ::close(setup_.listen_fds[li]);
         setup_.listen_fds[li] = -1;
       }
       for (uint32_t i = 0; i < nslots_; ++i) {
