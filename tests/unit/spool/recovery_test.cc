@@ -54,6 +54,17 @@ struct spool_fixture {
   }
 };
 
+struct recovered {
+  std::vector<queued_message> q;
+  recovery_report rep;
+};
+recovered recover(const std::string& dir, bool repair = true) {
+  recovered r;
+  std::string err;
+  EXPECT_TRUE(recover_spool(dir, repair, r.q, r.rep, err)) << err;
+  return r;
+}
+
 std::string header() {
   std::string h;
   encode_segment_header(h, 0, 5, 1);
@@ -67,10 +78,7 @@ TEST(Recovery, RebuildsQueueHonouringDoneRecords) {
   std::string d;
   encode_done(d, id(2));
   f.write(header() + msg(id(1)) + msg(id(2)) + msg(id(3)) + d);
-  std::vector<queued_message> q;
-  recovery_report rep;
-  std::string err;
-  ASSERT_TRUE(recover_spool(f.t.path, true, q, rep, err)) << err;
+  auto [q, rep] = recover(f.t.path, true);
   ASSERT_EQ(q.size(), 2u);
   EXPECT_EQ(q[0].id, id(1));
   EXPECT_EQ(q[1].id, id(3));
@@ -86,16 +94,12 @@ TEST(Recovery, TruncatesTornTailAtEveryCut) {
   for (size_t cut = 1; cut < last.size(); cut += 7) {
     spool_fixture f;
     f.write(good + last.substr(0, cut));
-    std::vector<queued_message> q;
-    recovery_report rep;
-    std::string err;
-    ASSERT_TRUE(recover_spool(f.t.path, true, q, rep, err)) << err;
-    ASSERT_EQ(q.size(), 1u) << cut;
-    EXPECT_EQ(rep.torn_bytes, cut);
+    auto first = recover(f.t.path);
+    ASSERT_EQ(first.q.size(), 1u) << cut;
+    EXPECT_EQ(first.rep.torn_bytes, cut);
     EXPECT_EQ(f.read(), good) << "tail not truncated at cut " << cut;
     // A second recovery finds nothing to repair.
-    ASSERT_TRUE(recover_spool(f.t.path, true, q, rep, err));
-    EXPECT_EQ(rep.torn_bytes, 0u);
+    EXPECT_EQ(recover(f.t.path).rep.torn_bytes, 0u);
   }
 }
 
@@ -105,10 +109,7 @@ TEST(Recovery, QuarantinesCorruptMiddleAndKeepsWhatFollows) {
   m2[30] ^= 0x5A;  // corrupt the middle record
   std::string all = header() + msg(id(1)) + m2 + msg(id(3));
   f.write(all);
-  std::vector<queued_message> q;
-  recovery_report rep;
-  std::string err;
-  ASSERT_TRUE(recover_spool(f.t.path, true, q, rep, err)) << err;
+  auto [q, rep] = recover(f.t.path, true);
   ASSERT_EQ(q.size(), 2u);
   EXPECT_EQ(q[0].id, id(1));
   EXPECT_EQ(q[1].id, id(3));
@@ -124,10 +125,7 @@ TEST(Recovery, QuarantinesCorruptMiddleAndKeepsWhatFollows) {
 TEST(Recovery, ZeroFilledTailIsTorn) {
   spool_fixture f;
   f.write(header() + msg(id(1)) + std::string(4096, '\0'));
-  std::vector<queued_message> q;
-  recovery_report rep;
-  std::string err;
-  ASSERT_TRUE(recover_spool(f.t.path, true, q, rep, err)) << err;
+  auto [q, rep] = recover(f.t.path, true);
   EXPECT_EQ(q.size(), 1u);
   EXPECT_EQ(rep.torn_bytes, 4096u);
   EXPECT_EQ(rep.quarantined_bytes, 0u);
@@ -136,10 +134,7 @@ TEST(Recovery, ZeroFilledTailIsTorn) {
 TEST(Recovery, RemovesEmptySegments) {
   spool_fixture f;
   f.write(header());
-  std::vector<queued_message> q;
-  recovery_report rep;
-  std::string err;
-  ASSERT_TRUE(recover_spool(f.t.path, true, q, rep, err)) << err;
+  auto [q, rep] = recover(f.t.path, true);
   EXPECT_EQ(rep.segments_removed, 1u);
   EXPECT_FALSE(std::filesystem::exists(f.seg));
 }
@@ -148,10 +143,7 @@ TEST(Recovery, ReadOnlyModeChangesNothing) {
   spool_fixture f;
   std::string all = header() + msg(id(1)) + "garbage-tail";
   f.write(all);
-  std::vector<queued_message> q;
-  recovery_report rep;
-  std::string err;
-  ASSERT_TRUE(recover_spool(f.t.path, false, q, rep, err)) << err;
+  auto [q, rep] = recover(f.t.path, false);
   EXPECT_EQ(q.size(), 1u);
   EXPECT_GT(rep.torn_bytes, 0u);
   EXPECT_EQ(f.read(), all);

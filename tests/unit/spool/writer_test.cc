@@ -50,17 +50,33 @@ std::string make_msg(writer& w) {
   return b;
 }
 
+// A temp spool with an open writer and a ring.
+struct writer_fixture {
+  tmpdir t;
+  writer w;
+  ring_fixture r;
+  explicit writer_fixture(uint64_t segment_size = 64ull << 20) {
+    std::string err;
+    EXPECT_TRUE(ensure_spool_dirs(t.path, err)) << err;
+    writer::options o;
+    o.dir = t.path;
+    o.segment_size = segment_size;
+    EXPECT_TRUE(w.open(o, err)) << err;
+  }
+  std::vector<queued_message> recovered(recovery_report& rep) {
+    std::vector<queued_message> q;
+    std::string err;
+    EXPECT_TRUE(recover_spool(t.path, false, q, rep, err)) << err;
+    return q;
+  }
+};
+
 }  // namespace
 
 TEST(Writer, GroupCommitThenRecoverable) {
-  tmpdir t;
-  std::string err;
-  ASSERT_TRUE(ensure_spool_dirs(t.path, err));
-  writer w;
-  writer::options o;
-  o.dir = t.path;
-  ASSERT_TRUE(w.open(o, err)) << err;
-  ring_fixture r;
+  writer_fixture f;
+  auto& w = f.w;
+  auto& r = f.r;
   std::vector<std::string> msgs;
   for (int i = 0; i < 10; ++i) msgs.push_back(make_msg(w));
   std::vector<writer::result> out;
@@ -71,21 +87,15 @@ TEST(Writer, GroupCommitThenRecoverable) {
   ASSERT_EQ(out.size(), 10u);
   for (auto& x : out) EXPECT_TRUE(x.ok);
   EXPECT_EQ(w.batches(), 1u);  // one writev + one fdatasync for all ten
-  std::vector<queued_message> q;
   recovery_report rep;
-  ASSERT_TRUE(recover_spool(t.path, false, q, rep, err));
+  auto q = f.recovered(rep);
   EXPECT_EQ(q.size(), 10u);
 }
 
 TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
-  tmpdir t;
-  std::string err;
-  ASSERT_TRUE(ensure_spool_dirs(t.path, err));
-  writer w;
-  writer::options o;
-  o.dir = t.path;
-  ASSERT_TRUE(w.open(o, err)) << err;
-  ring_fixture r;
+  writer_fixture f;
+  auto& w = f.w;
+  auto& r = f.r;
   std::string a = make_msg(w), b = make_msg(w);
   std::vector<writer::result> out;
   w.append(a.data(), a.size(), 1);
@@ -111,23 +121,16 @@ TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
   r.complete(w, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_TRUE(out[0].ok);
-  std::vector<queued_message> q;
   recovery_report rep;
-  ASSERT_TRUE(recover_spool(t.path, false, q, rep, err));
+  auto q = f.recovered(rep);
   ASSERT_EQ(q.size(), 1u);  // only the message that got its ok
   EXPECT_EQ(rep.torn_bytes, 0u);
 }
 
 TEST(Writer, RotatesSegments) {
-  tmpdir t;
-  std::string err;
-  ASSERT_TRUE(ensure_spool_dirs(t.path, err));
-  writer w;
-  writer::options o;
-  o.dir = t.path;
-  o.segment_size = 1 << 20;
-  ASSERT_TRUE(w.open(o, err));
-  ring_fixture r;
+  writer_fixture f(1 << 20);
+  auto& w = f.w;
+  auto& r = f.r;
   std::string big;
   {
     char id[19];
@@ -147,18 +150,13 @@ TEST(Writer, RotatesSegments) {
     ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
     r.complete(w, out);
   }
-  EXPECT_GE(list_segments(t.path).size(), 2u);
+  EXPECT_GE(list_segments(f.t.path).size(), 2u);
 }
 
 TEST(Writer, EioOnFsyncFailsTheBatch) {
-  tmpdir t;
-  std::string err;
-  ASSERT_TRUE(ensure_spool_dirs(t.path, err));
-  writer w;
-  writer::options o;
-  o.dir = t.path;
-  ASSERT_TRUE(w.open(o, err)) << err;
-  ring_fixture r;
+  writer_fixture f;
+  auto& w = f.w;
+  auto& r = f.r;
   std::string a = make_msg(w), b = make_msg(w), c = make_msg(w);
   std::vector<writer::result> out;
   w.append(a.data(), a.size(), 1);
@@ -177,9 +175,8 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(out[0].token, 3u);
   EXPECT_FALSE(out[0].ok);
-  std::vector<queued_message> q;
   recovery_report rep;
-  ASSERT_TRUE(recover_spool(t.path, false, q, rep, err));
+  auto q = f.recovered(rep);
   EXPECT_TRUE(q.empty());
   EXPECT_EQ(rep.torn_bytes, 0u);
 }
