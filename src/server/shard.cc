@@ -564,6 +564,7 @@ void shard::spool_results() {
     else
       ctr_.spool_failures.fetch_add(1, std::memory_order_relaxed);
     c.sess.commit_done(r.ok);  // 250 (durable) or 451; logs the queued line
+    if (stopping_) c.sess.shutdown();  // stopping: the result, then 421 4.3.2 and close
     if (c.ph == phase::closing) {
       maybe_finish_close(c, idx);
       continue;
@@ -577,6 +578,8 @@ void shard::spool_results() {
 
 void shard::tick() {
   writer_.tick();
+  // Accepting paused for lack of file descriptors (EMFILE) with free slots: try again.
+  if (accept_paused_ && !stopping_ && !free_.empty()) accept_paused_ = false;
   uint64_t now = now_ms();
   for (uint32_t i = 0; i < nslots_; ++i) {
     conn& c = slots_[i];

@@ -124,7 +124,10 @@ def ternd_factory(tmp_path):
     started = []
 
     def make(**kw):
-        t = Ternd(tmp_path, **kw)
+        # Each instance its own directory: config, log and (default) spool never collide.
+        d = tmp_path / f"ternd{len(started)}"
+        d.mkdir()
+        t = Ternd(d, **kw)
         started.append(t)
         return t
 

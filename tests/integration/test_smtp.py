@@ -223,3 +223,38 @@ def test_tiny_receive_ring_forces_enobufs_and_loses_nothing(ternd_factory):
     import re
     m = re.search(r"shard 0: stopped: .* enobufs=(\d+)", t.log())
     assert m and int(m.group(1)) > 0, t.log()[-2000:]
+
+
+def test_ipv6_listener_and_relay_network(ternd_factory):
+    port = free_port("::1")
+    t = ternd_factory(listens=[{"address": f"[::1]:{port}"}], networks=["::1"]).start()
+    with smtplib.SMTP("::1", port, local_hostname="v6.test") as c:
+        c.sendmail("a@example.org", ["b@example.net"], b"Subject: v6\r\n\r\nx\r\n")
+    m = t.spool_dump(t.spool_list()[0]["id"])
+    assert m["client"] == "::1"
+    assert m["content"].startswith("Received: from v6.test (IPv6:[::1])\r\n"), m["content"][:80]
+    # An IPv6 client outside the relay networks may only send to relay domains.
+    t2 = ternd_factory(listens=[{"address": f"[::1]:{free_port('::1')}"}], networks=["2001:db8::/32"]).start()
+    out = smtp_dialogue(int(t2.listens[0]["address"].rsplit(":", 1)[1]),
+                        [b"EHLO x\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n"], host="::1")
+    assert b"554 5.7.1 <c@d.test>: Relay access denied" in out
+
+
+def test_sigterm_closes_sessions_with_421_and_exits_cleanly(ternd_factory):
+    t = ternd_factory().start()
+    s = socket.create_connection(("127.0.0.1", t.port), timeout=5)
+    assert recv_reply(s).startswith(b"220 ")
+    s.sendall(b"EHLO x\r\n")
+    recv_reply(s)
+    t0 = time.time()
+    assert t.stop() == 0
+    assert time.time() - t0 < 4, "stop waited for the deadline instead of closing sessions"
+    s.settimeout(5)
+    data = b""
+    while True:
+        c = s.recv(1024)
+        if not c:
+            break
+        data += c
+    assert data == b"421 4.3.2 relay.test Service shutting down\r\n"
+    assert "ternd stopped:" in t.log()
