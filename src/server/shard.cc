@@ -219,6 +219,8 @@ void shard::run() {
     }
     if (!results_.empty()) spool_results();
 
+    if (ctr_.spool_healthy.load(std::memory_order_relaxed) != writer_.healthy())
+      ctr_.spool_healthy.store(writer_.healthy(), std::memory_order_relaxed);
     if (now_ms() >= next_tick_ms_) {
       tick();
       next_tick_ms_ = now_ms() + 1000;
@@ -323,13 +325,13 @@ void shard::on_accept(uint32_t li, const io_uring_cqe* cqe) {
   getpeername(fd, reinterpret_cast<sockaddr*>(&ss), &len);
   net::address peer = net::address::from_sockaddr(reinterpret_cast<sockaddr*>(&ss), len);
   if (L.proxy_protocol && !net::any_contains(L.trusted_proxies, peer)) {
-    ctr_.refused_untrusted.fetch_add(1, std::memory_order_relaxed);
+    bump(ctr_.refused_untrusted);
     log::warn("reject: connection from {} to PROXY listener {}: not in trusted_proxies", peer.ip(), L.address_text);
     refuse(fd, nullptr);
     return;
   }
   if (free_.empty()) {
-    ctr_.refused_full.fetch_add(1, std::memory_order_relaxed);
+    bump(ctr_.refused_full);
     if (!accept_paused_) {
       log::warn("shard {}: all {} session slots busy: answering 421 and pausing accept", setup_.index, nslots_);
       accept_paused_ = true;
@@ -356,8 +358,8 @@ void shard::on_accept(uint32_t li, const io_uring_cqe* cqe) {
   c.proxy_buf.clear();
   c.tx.clear();
   c.tx_off = 0;
-  ctr_.connections.fetch_add(1, std::memory_order_relaxed);
-  ctr_.active.fetch_add(1, std::memory_order_relaxed);
+  bump(ctr_.connections);
+  bump(ctr_.active);
   arm_recv(c, idx);
   if (L.proxy_protocol) {
     c.ph = phase::proxy;  // no banner until the whole header is in
@@ -386,7 +388,7 @@ void shard::on_recv(uint32_t idx, const io_uring_cqe* cqe) {
     io_uring_buf_ring_add(br_, b, buf_size_, bid, io_uring_buf_ring_mask(nbufs_), 0);
     io_uring_buf_ring_advance(br_, 1);
   } else if (res == -ENOBUFS) {
-    ctr_.enobufs.fetch_add(1, std::memory_order_relaxed);  // flow control: re-arm below
+    bump(ctr_.enobufs);  // flow control: re-arm below
   } else if (res == -ECANCELED) {
     // our cancel (closing or pausing)
   } else {
@@ -415,7 +417,7 @@ void shard::on_input(conn& c, uint32_t idx, const char* p, size_t n) {
                               L.proxy_max_header);
     if (r.status == net::proxy_status::need_more) return;
     if (r.status == net::proxy_status::error) {
-      ctr_.proxy_errors.fetch_add(1, std::memory_order_relaxed);
+      bump(ctr_.proxy_errors);
       log::warn("reject: bad PROXY header from {}: {}", c.peer.ip(), r.error);
       begin_close(c, idx);
       return;
@@ -544,7 +546,7 @@ void shard::on_close(uint32_t idx) {
   c.ph = phase::free;
   c.gen = (c.gen + 1) & 0xFFFFFF;
   free_.push_back(idx);
-  ctr_.active.fetch_sub(1, std::memory_order_relaxed);
+  ctr_.active.store(ctr_.active.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
   if (accept_paused_ && !stopping_) {
     accept_paused_ = false;  // a slot is free again: the loop re-arms the accepts
     log::info("shard {}: session slot free: accepting again", setup_.index);
@@ -560,9 +562,9 @@ void shard::spool_results() {
     if (c.gen != gen || !c.in_spool) continue;
     c.in_spool = false;
     if (r.ok)
-      ctr_.messages.fetch_add(1, std::memory_order_relaxed);
+      bump(ctr_.messages);
     else
-      ctr_.spool_failures.fetch_add(1, std::memory_order_relaxed);
+      bump(ctr_.spool_failures);
     c.sess.commit_done(r.ok);  // 250 (durable) or 451; logs the queued line
     if (stopping_) c.sess.shutdown();  // stopping: the result, then 421 4.3.2 and close
     if (c.ph == phase::closing) {
@@ -585,7 +587,7 @@ void shard::tick() {
     conn& c = slots_[i];
     if (c.ph == phase::proxy) {
       if (now - c.accepted_ms >= cfg_.listen[c.listener].proxy_timeout_ms) {
-        ctr_.proxy_errors.fetch_add(1, std::memory_order_relaxed);
+        bump(ctr_.proxy_errors);
         log::warn("reject: no complete PROXY header from {} within {} ms", c.peer.ip(),
                   cfg_.listen[c.listener].proxy_timeout_ms);
         begin_close(c, i);

@@ -30,6 +30,8 @@
 
 namespace tern::server {
 
+// Written only by the owning shard (relaxed stores, no locked instructions), read by any
+// thread: the stop summary now, ternctl/metrics and the HA health check later.
 struct alignas(64) shard_counters {
   std::atomic<uint64_t> connections{0};      // accepted
   std::atomic<uint64_t> active{0};           // open now
@@ -40,7 +42,13 @@ struct alignas(64) shard_counters {
   std::atomic<uint64_t> spool_failures{0};   // 451 after a failed write/fsync
   std::atomic<uint64_t> spool_batches{0};
   std::atomic<uint64_t> enobufs{0};          // recv re-armed for lack of buffers
+  std::atomic<bool> spool_healthy{true};     // health signal: false while writes fail
 };
+
+// Single-writer increment: a plain load and store, not a locked read-modify-write.
+inline void bump(std::atomic<uint64_t>& c, uint64_t n = 1) noexcept {
+  c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
 
 struct shard_setup {
   uint32_t index = 0;
