@@ -333,7 +333,13 @@ void shard::on_accept(uint32_t li, const io_uring_cqe* cqe) {
   if (free_.empty()) {
     bump(ctr_.refused_full);
     if (!accept_paused_) {
-      log::warn("shard {}: all {} session slots busy: answering 421 and pausing accept", setup_.index, nslots_);
+      uint64_t now = now_ms();
+      if (now >= next_busy_log_ms_) {  // at most one line per 10 s under sustained overload
+        log::warn("shard {}: all {} session slots busy: answering 421 4.3.2 and pausing accept "
+                  "({} connection(s) refused so far)",
+                  setup_.index, nslots_, ctr_.refused_full.load(std::memory_order_relaxed));
+        next_busy_log_ms_ = now + 10000;
+      }
       accept_paused_ = true;
       for (uint32_t l = 0; l < accept_armed_.size(); ++l) {
         if (!accept_armed_[l]) continue;
@@ -547,9 +553,11 @@ void shard::on_close(uint32_t idx) {
   c.gen = (c.gen + 1) & 0xFFFFFF;
   free_.push_back(idx);
   ctr_.active.store(ctr_.active.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
-  if (accept_paused_ && !stopping_) {
-    accept_paused_ = false;  // a slot is free again: the loop re-arms the accepts
-    log::info("shard {}: session slot free: accepting again", setup_.index);
+  // Hysteresis: resume only when a sixteenth of the slots is free, so that the backlog is
+  // admitted in a batch instead of one accept and one 421 per freed slot.
+  if (accept_paused_ && !stopping_ && free_.size() >= std::max<size_t>(1, nslots_ / 16)) {
+    accept_paused_ = false;  // the loop re-arms the accepts
+    log::debug("shard {}: {} session slots free: accepting again", setup_.index, free_.size());
   }
 }
 

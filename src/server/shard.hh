@@ -140,6 +140,7 @@ class shard final : public smtp::session_host {
   std::vector<uint32_t> free_;
   std::vector<bool> accept_armed_;
   bool accept_paused_ = false;
+  uint64_t next_busy_log_ms_ = 0;
 
   spool::writer writer_;
   std::vector<spool::writer::result> results_;
