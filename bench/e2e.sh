@@ -96,28 +96,37 @@ tl_run() { build/tools/tern-load --port "$1" -s 50 -m "$N" -l 2048 -n 100 -p; }
 
 pf_queue_empty() { [ -z "$(find "$W/pf/queue/incoming" "$W/pf/queue/active" "$W/pf/queue/deferred" "$W/pf/queue/maildrop" -type f 2>/dev/null | head -1)" ]; }
 
+ROUNDS=${ROUNDS:-3}
+median() { python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.0f}')" "$@"; }
+ratio() { python3 -c "print(f'{$1/$2:.1f}x')"; }
+
 echo "tern e2e benchmark: $N messages of 2 KiB, 50 sessions, $(nproc) cores, $(uname -r)"
+echo "each figure is the median of $ROUNDS rounds; the servers are measured in turn within each round"
 echo
-sink=$(rate ss_run $SINK)
-t0=$(date +%s.%N); ss_run $PF >/dev/null 2>&1; t1=$(date +%s.%N)
-while ! pf_queue_empty; do sleep 0.2; done; t2=$(date +%s.%N)
-pf=$(python3 -c "print(f'{$N/($t1-$t0):.0f}')"); pf_e2e=$(python3 -c "print(f'{$N/($t2-$t0):.0f}')")
-tn=$(rate ss_run $TN)
-tn_np=$(rate ss_run $TN2)
-printf '%-44s %10s\n' "smtp-source (1 msg/conn) into" "msg/s"
-printf '%-44s %10s\n' "smtp-sink (client ceiling, no disk)" "$sink"
-printf '%-44s %10s   (end to end incl. relay: %s)\n' "postfix 3.7 (fsync, relays to smtp-sink)" "$pf" "$pf_e2e"
-printf '%-44s %10s\n' "ternd (defaults: one pinned shard per core)" "$tn"
-printf '%-44s %10s\n' "ternd ([tuning] pin_shards = false)" "$tn_np"
-python3 -c "print(f'ternd / postfix = {$tn/$pf:.1f}x (pinned), {$tn_np/$pf:.1f}x (unpinned); of the client ceiling: {100*$tn/$sink:.0f}% / {100*$tn_np/$sink:.0f}%')"
+sink=(); pf=(); pf_e2e=(); tn=(); tn_np=(); pf2=(); tn2=(); tn2_np=()
+for r in $(seq "$ROUNDS"); do
+  sink+=("$(rate ss_run $SINK)")
+  t0=$(date +%s.%N); ss_run $PF >/dev/null 2>&1; t1=$(date +%s.%N)
+  while ! pf_queue_empty; do sleep 0.2; done; t2=$(date +%s.%N)
+  pf+=("$(python3 -c "print(f'{$N/($t1-$t0):.0f}')")"); pf_e2e+=("$(python3 -c "print(f'{$N/($t2-$t0):.0f}')")")
+  tn+=("$(rate ss_run $TN)")
+  tn_np+=("$(rate ss_run $TN2)")
+  pf2+=("$(rate tl_run $PF)")
+  while ! pf_queue_empty; do sleep 0.2; done
+  tn2+=("$(rate tl_run $TN)")
+  tn2_np+=("$(rate tl_run $TN2)")
+  echo "round $r: smtp-source sink=${sink[-1]} postfix=${pf[-1]} ternd=${tn[-1]} ($(ratio ${tn[-1]} ${pf[-1]})) ternd-unpinned=${tn_np[-1]} ($(ratio ${tn_np[-1]} ${pf[-1]})); tern-load postfix=${pf2[-1]} ternd=${tn2[-1]} ($(ratio ${tn2[-1]} ${pf2[-1]})) ternd-unpinned=${tn2_np[-1]}"
+done
+S=$(median "${sink[@]}"); P=$(median "${pf[@]}"); PE=$(median "${pf_e2e[@]}"); T=$(median "${tn[@]}"); TU=$(median "${tn_np[@]}")
+P2=$(median "${pf2[@]}"); T2=$(median "${tn2[@]}"); T2U=$(median "${tn2_np[@]}")
 echo
-while ! pf_queue_empty; do sleep 0.2; done
-pf2=$(rate tl_run $PF)
-while ! pf_queue_empty; do sleep 0.2; done
-tn2=$(rate tl_run $TN)
-tn2_np=$(rate tl_run $TN2)
-printf '%-44s %10s\n' "tern-load (100 msg/conn, PIPELINING) into" "msg/s"
-printf '%-44s %10s\n' "postfix 3.7" "$pf2"
-printf '%-44s %10s\n' "ternd (defaults)" "$tn2"
-printf '%-44s %10s\n' "ternd (pin_shards = false)" "$tn2_np"
-python3 -c "print(f'ternd / postfix = {$tn2/$pf2:.1f}x (pinned), {$tn2_np/$pf2:.1f}x (unpinned)')"
+printf '%-46s %10s\n' "smtp-source (1 msg/conn) into" "msg/s"
+printf '%-46s %10s\n' "smtp-sink (client ceiling, no disk)" "$S"
+printf '%-46s %10s   (end to end incl. relay: %s)\n' "postfix 3.7 (fsync, relays to smtp-sink)" "$P" "$PE"
+printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd (defaults: one pinned shard per core)" "$T" "$(ratio $T $P)" "$((100 * T / S))"
+printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd ([tuning] pin_shards = false)" "$TU" "$(ratio $TU $P)" "$((100 * TU / S))"
+echo
+printf '%-46s %10s\n' "tern-load (100 msg/conn, PIPELINING) into" "msg/s"
+printf '%-46s %10s\n' "postfix 3.7" "$P2"
+printf '%-46s %10s   %s of postfix\n' "ternd (defaults)" "$T2" "$(ratio $T2 $P2)"
+printf '%-46s %10s   %s of postfix\n' "ternd (pin_shards = false)" "$T2U" "$(ratio $T2U $P2)"
