@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <cstring>
 
@@ -129,19 +130,11 @@ bool writer::flush(io_uring* ring, uint64_t ud_write, uint64_t ud_fsync, std::ve
     iov_.push_back({const_cast<char*>(it.p), it.n});
     batch_bytes_ += it.n;
   }
+  // The linked pair must sit in the same submission: make room for both first.
+  if (io_uring_sq_space_left(ring) < 2) io_uring_submit(ring);
   io_uring_sqe* w = io_uring_get_sqe(ring);
-  if (!w) {
-    io_uring_submit(ring);
-    w = io_uring_get_sqe(ring);
-  }
   io_uring_sqe* f = io_uring_get_sqe(ring);
-  if (!f) {  // keep the pair together: submit what we have and take a fresh pair
-    io_uring_prep_nop(w);
-    io_uring_sqe_set_data64(w, 0);
-    io_uring_submit(ring);
-    w = io_uring_get_sqe(ring);
-    f = io_uring_get_sqe(ring);
-  }
+  assert(w && f);
   io_uring_prep_writev(w, fd_, iov_.data(), static_cast<unsigned>(iov_.size()), offset_);
   w->flags |= IOSQE_IO_LINK;
   io_uring_sqe_set_data64(w, ud_write);

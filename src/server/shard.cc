@@ -214,9 +214,9 @@ void shard::run() {
     }
     io_uring_cq_advance(&ring_, n);
 
-    if (writer_.flush(&ring_, ud(op::spool_write, 0, 0), ud(op::spool_fsync, 0, 0), results_)) {
-      // batch queued; submitted at the top of the next iteration
-    }
+    // Group commit: everything that finished in this iteration goes out as one linked
+    // writev + fdatasync, submitted with the next io_uring_enter at the top of the loop.
+    writer_.flush(&ring_, ud(op::spool_write, 0, 0), ud(op::spool_fsync, 0, 0), results_);
     if (!results_.empty()) spool_results();
 
     if (ctr_.spool_healthy.load(std::memory_order_relaxed) != writer_.healthy())

@@ -208,7 +208,6 @@ void session::cmd_mail(std::string_view arg) {
   body_ = a.body;
   ret_ = a.ret;
   smtputf8_ = a.smtputf8;
-  declared_size_ = a.size;
   reply("250 2.1.0 Ok");
 }
 
@@ -429,7 +428,6 @@ void session::reset_transaction() {
   envid_.clear();
   body_ = ret_ = 0;
   smtputf8_ = false;
-  declared_size_ = 0;
   rcpt_block_.clear();
   first_rcpt_.clear();
   nrcpt_ = 0;

@@ -139,7 +139,6 @@ class session {
   std::string envid_;
   uint8_t body_ = 0, ret_ = 0;
   bool smtputf8_ = false;
-  uint64_t declared_size_ = 0;
   std::string rcpt_block_;  // recipients encoded as spool records want them
   std::string first_rcpt_;
   uint32_t nrcpt_ = 0;

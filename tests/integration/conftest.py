@@ -170,3 +170,14 @@ def recv_reply(s, quiet=0.3):
             return buf
         buf += chunk
         s.settimeout(quiet)
+
+
+def read_until_closed(s, timeout=10):
+    """Everything the server sends until it closes the connection."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data
+        data += chunk

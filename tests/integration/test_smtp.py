@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import TERND, TERN_LOAD, free_port, smtp_dialogue, recv_reply
+from conftest import TERND, TERN_LOAD, free_port, read_until_closed, recv_reply, smtp_dialogue
 
 
 def test_smtplib_message_is_spooled_with_envelope_and_received(ternd):
@@ -136,13 +136,7 @@ def test_idle_timeout(ternd_factory):
     t = ternd_factory(limits={"idle_timeout": 1}).start()
     with socket.create_connection(("127.0.0.1", t.port), timeout=10) as s:
         assert recv_reply(s).startswith(b"220 ")
-        s.settimeout(10)
-        data = b""
-        while True:
-            chunk = s.recv(1024)
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_closed(s)
     assert data == b"421 4.4.2 relay.test Error: timeout exceeded\r\n"
 
 
@@ -249,12 +243,7 @@ def test_sigterm_closes_sessions_with_421_and_exits_cleanly(ternd_factory):
     t0 = time.time()
     assert t.stop() == 0
     assert time.time() - t0 < 4, "stop waited for the deadline instead of closing sessions"
-    s.settimeout(5)
-    data = b""
-    while True:
-        c = s.recv(1024)
-        if not c:
-            break
-        data += c
+    data = read_until_closed(s)
+    s.close()
     assert data == b"421 4.3.2 relay.test Service shutting down\r\n"
     assert "ternd stopped:" in t.log()
