@@ -229,11 +229,11 @@ void shard::run() {
     if (stopping_ && ((free_.size() == nslots_ && writer_.idle()) || now_ms() >= stop_deadline_ms_)) break;
   }
   log::info("shard {}: stopped: connections={} messages={} spool_batches={} ({:.1f} messages per fdatasync) "
-            "spool_failures={} refused_full={} refused_untrusted={} proxy_errors={} enobufs={}",
+            "spool_failures={} refused_full={} refused_untrusted={} proxy_errors={} enobufs={} input_paused={}",
             setup_.index, ctr_.connections.load(), ctr_.messages.load(), writer_.batches(),
             writer_.batches() ? double(writer_.records()) / double(writer_.batches()) : 0.0,
             ctr_.spool_failures.load(), ctr_.refused_full.load(), ctr_.refused_untrusted.load(),
-            ctr_.proxy_errors.load(), ctr_.enobufs.load());
+            ctr_.proxy_errors.load(), ctr_.enobufs.load(), ctr_.input_paused.load());
   log::buffer_this_thread(false);
 }
 
@@ -483,6 +483,7 @@ void shard::pump(conn& c, uint32_t idx) {
       io_uring_sqe_set_data64(s, ud(op::cancel, 0, 0));
       c.recv_cancel_sent = true;
       c.recv_paused = true;
+      bump(ctr_.input_paused);
     } else if (c.recv_paused && !c.recv_armed && c.sess.pending_input() <= pause_input / 2) {
       c.recv_paused = false;
       arm_recv(c, idx);

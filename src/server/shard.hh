@@ -42,6 +42,7 @@ struct alignas(64) shard_counters {
   std::atomic<uint64_t> spool_failures{0};   // 451 after a failed write/fsync
   std::atomic<uint64_t> spool_batches{0};
   std::atomic<uint64_t> enobufs{0};          // recv re-armed for lack of buffers
+  std::atomic<uint64_t> input_paused{0};     // recv paused: input piled up during a commit
   std::atomic<bool> spool_healthy{true};     // health signal: false while writes fail
 };
 

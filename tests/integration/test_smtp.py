@@ -1,6 +1,8 @@
 """The real ternd with real clients: Python smtplib, swaks, postfix's smtp-source."""
+import re
 import smtplib
 import socket
+import threading
 import subprocess
 import time
 
@@ -214,7 +216,6 @@ def test_tiny_receive_ring_forces_enobufs_and_loses_nothing(ternd_factory):
     q = t.spool_list()
     assert len(q) == 400 and all(m["size"] > 20000 for m in q)
     assert t.stop() == 0
-    import re
     m = re.search(r"shard 0: stopped: .* enobufs=(\d+)", t.log())
     assert m and int(m.group(1)) > 0, t.log()[-2000:]
 
@@ -247,3 +248,36 @@ def test_sigterm_closes_sessions_with_421_and_exits_cleanly(ternd_factory):
     s.close()
     assert data == b"421 4.3.2 relay.test Service shutting down\r\n"
     assert "ternd stopped:" in t.log()
+
+
+def test_input_piling_up_during_a_commit_pauses_reading_and_loses_nothing(ternd_factory):
+    """A pipelining client sends BDAT LAST and, without waiting for the 250, a 2 MiB chunk
+    of the next message. While the first commit's fdatasync is pending the session cannot
+    consume input: past 256 KiB the shard stops reading (cancels the recv) and resumes
+    after the commit. Both messages must arrive intact."""
+    t = ternd_factory().start()
+    big = (b"y" * 1022 + b"\r\n") * 2048  # 2 MiB
+    rounds = 6
+    with socket.create_connection(("127.0.0.1", t.port), timeout=30) as s:
+        assert recv_reply(s).startswith(b"220 ")
+        s.sendall(b"EHLO pile.test\r\n")
+        recv_reply(s)
+        stream = b""
+        for i in range(rounds):
+            small = f"Subject: small {i}\r\n\r\nx\r\n".encode()
+            stream += (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+                       + b"BDAT %d LAST\r\n" % len(small) + small
+                       + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+                       + b"BDAT %d LAST\r\n" % len(big) + big)
+        stream += b"QUIT\r\n"
+        sender = threading.Thread(target=s.sendall, args=(stream,))
+        sender.start()
+        data = read_until_closed(s, timeout=60)
+        sender.join()
+    assert data.count(b"250 2.0.0 Ok: queued as") == 2 * rounds, data[-500:]
+    q = t.spool_list()
+    assert len(q) == 2 * rounds
+    assert sorted(m["size"] for m in q)[-rounds:] == [max(m["size"] for m in q)] * rounds
+    assert t.stop() == 0
+    m = re.search(r"shard 0: stopped: .* input_paused=(\d+)", t.log())
+    assert m and int(m.group(1)) > 0, "reading was never paused: " + t.log()[-1500:]
