@@ -37,6 +37,8 @@ void session::reset(const policy* pol, session_host* host, const conn_info& ci) 
   pol_ = pol;
   host_ = host;
   ci_ = ci;
+  client_ip_ = ci.client.ip();
+  peer_ip_ = ci.proxied ? ci.peer.ip() : std::string();
   state_ = state::command;
   close_ = skipping_line_ = commit_taken_ = false;
   in_.clear();
@@ -64,6 +66,10 @@ void session::reply(std::string_view text) {
 
 void session::reply_error(std::string_view text) {
   reply(text);
+  count_error();
+}
+
+void session::count_error() {
   if (++errors_ >= pol_->limits.errors) {
     fmt::format_to(std::back_inserter(out_), "421 4.7.0 {} Error: too many errors\r\n", pol_->hostname);
     close_ = true;
@@ -252,11 +258,7 @@ void session::cmd_rcpt(std::string_view arg) {
   if (!relay_allowed(a.address)) {
     ++n_rejected_;
     fmt::format_to(std::back_inserter(out_), "554 5.7.1 <{}>: Relay access denied\r\n", log::safe{a.address});
-    if (++errors_ >= pol_->limits.errors) {
-      fmt::format_to(std::back_inserter(out_), "421 4.7.0 {} Error: too many errors\r\n", pol_->hostname);
-      close_ = true;
-    }
-    return;
+    return count_error();
   }
   spool::put_rcpt(rcpt_block_, a.address, a.notify, a.orcpt);
   if (nrcpt_ == 0) first_rcpt_.assign(a.address);
@@ -345,15 +347,12 @@ void session::begin_message() {
   msg_.clear();
   rec_start_ = spool::begin_record(msg_, spool::record_type::message);
   uint64_t now = host_->wall_us();
-  // The IP strings fit the small-string buffer: no allocation for IPv4.
-  std::string client_ip = ci_.client.ip();
-  std::string peer_ip = ci_.proxied ? ci_.peer.ip() : std::string();
   spool::envelope_in e;
   e.id = std::string_view(id_, queue_id_len);
   e.arrival_us = now;
-  e.client_ip = client_ip;
+  e.client_ip = client_ip_;
   e.client_port = ci_.client.port();
-  e.peer_ip = peer_ip;
+  e.peer_ip = peer_ip_;
   e.helo = helo_;
   e.mail_from = mail_from_;
   e.envid = envid_;
@@ -369,7 +368,7 @@ void session::begin_message() {
   rfc5322_date(now, date);
   // Received: (RFC 5321 4.4) with the real client address, from PROXY when trusted.
   fmt::format_to(std::back_inserter(msg_), "Received: from {} ({}[{}])\r\n\tby {} (tern) with {} id {}",
-                 log::safe{helo_, 255}, ci_.client.family() == AF_INET6 ? "IPv6:" : "", client_ip,
+                 log::safe{helo_, 255}, ci_.client.family() == AF_INET6 ? "IPv6:" : "", client_ip_,
                  pol_->hostname, esmtp_ ? (smtputf8_ ? "UTF8SMTP" : "ESMTP") : "SMTP",
                  std::string_view(id_, queue_id_len));
   if (nrcpt_ == 1)
@@ -411,8 +410,8 @@ void session::commit_done(bool ok) {
     fmt::format_to(std::back_inserter(out_), "250 2.0.0 Ok: queued as {}\r\n", std::string_view(id_, queue_id_len));
     if (log::enabled(log::level::info)) {
       std::string_view id(id_, queue_id_len);
-      log::info("{}: client=unknown[{}]{}{}{}, helo=<{}>, from=<{}>, size={}, nrcpt={}", id, ci_.client.ip(),
-                ci_.proxied ? ", proxy=[" : "", ci_.proxied ? ci_.peer.ip() : std::string(), ci_.proxied ? "]" : "",
+      log::info("{}: client=unknown[{}]{}{}{}, helo=<{}>, from=<{}>, size={}, nrcpt={}", id, client_ip_,
+                ci_.proxied ? ", proxy=[" : "", peer_ip_, ci_.proxied ? "]" : "",
                 log::safe{helo_}, log::safe{mail_from_}, msg_.size() - content_start_, nrcpt_);
     }
   } else {
@@ -460,10 +459,8 @@ void session::shutdown() {
 
 void session::log_disconnect(bool lost) const {
   if (!log::enabled(log::level::info)) return;
-  // Formatted in place (no temporary strings): this runs once per connection.
-  std::string proxy_ip = ci_.proxied ? ci_.peer.ip() : std::string();
   log::info("{} from unknown[{}]{}{}{}{}{}{}{} commands={} queued={} rejected={} errors={}",
-            lost ? "lost connection" : "disconnect", ci_.client.ip(), ci_.proxied ? " proxy=[" : "", proxy_ip,
+            lost ? "lost connection" : "disconnect", client_ip_, ci_.proxied ? " proxy=[" : "", peer_ip_,
             ci_.proxied ? "] proxy_v" : "", ci_.proxied ? (ci_.proxy_version == 1 ? "1" : "2") : "",
             helo_.empty() ? "" : " helo=<", log::safe{helo_, helo_.empty() ? 0u : 256u}, helo_.empty() ? "" : ">",
             n_cmds_, n_queued_, n_rejected_, errors_);

@@ -100,6 +100,7 @@ class session {
   enum class state : uint8_t { command, data, bdat, commit_wait, closed };
   void reply(std::string_view text);
   void reply_error(std::string_view text);
+  void count_error();  // one more error; past limits.errors: 421 and close
   void handle_line(std::string_view line);
   void cmd_helo(std::string_view arg, bool ehlo);
   void cmd_mail(std::string_view arg);
@@ -116,6 +117,8 @@ class session {
   const policy* pol_ = nullptr;
   session_host* host_ = nullptr;
   conn_info ci_;
+  // The addresses as text, formatted once per connection (Received:, log lines).
+  std::string client_ip_, peer_ip_;
   state state_ = state::command;
   bool close_ = false;
   bool skipping_line_ = false;  // over-long line: discard to the next LF
