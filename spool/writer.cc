@@ -101,7 +101,8 @@ void writer::next_id(char* out) {
 
 void writer::append(const char* p, size_t n, uint64_t token) { pending_.push_back({p, n, token}); }
 
-bool writer::flush(io_uring* ring, uint64_t ud_write, uint64_t ud_fsync, std::vector<result>& out) {
+bool writer::flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out) {
+  const uint64_t ud_write = ud_base | op_write, ud_fsync = ud_base | op_fsync;
   if (in_flight_ || pending_.empty()) return false;
   if (!healthy_) {
     for (auto& it : pending_) out.push_back({it.token, false});
@@ -143,6 +144,15 @@ bool writer::flush(io_uring* ring, uint64_t ud_write, uint64_t ud_fsync, std::ve
   in_flight_ = true;
   write_seen_ = fsync_seen_ = false;
   return true;
+}
+
+void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
+  if (op == op_write) on_write(res, out);
+  if (op == op_fsync) on_fsync(res, out);
+}
+
+void writer::close() {
+  if (fd_ >= 0 && !in_flight_) (void)::ftruncate(fd_, static_cast<off_t>(offset_));
 }
 
 void writer::on_write(int res, std::vector<result>& out) {
@@ -195,7 +205,7 @@ void writer::fail_batch(int err, std::vector<result>& out) {
   batch_.clear();
 }
 
-void writer::tick() {
+void writer::tick(io_uring*, uint64_t) {
   if (healthy_ || in_flight_) return;
   // Probe: the tail is cut back, a pad record is written and made durable, then removed.
   if (offset_ >= opt_.segment_size || fd_ < 0) {

@@ -56,16 +56,18 @@ class writer {
   void append(const char* p, size_t n, uint64_t token);
 
   // Start the pending batch if none is in flight. Returns true when SQEs were queued.
-  // Results of tokens that fail without I/O (unhealthy) are added to `out`.
-  bool flush(io_uring* ring, uint64_t ud_write, uint64_t ud_fsync, std::vector<result>& out);
+  // Results of tokens that fail without I/O (unhealthy) are added to `out`. Each SQE is
+  // tagged `ud_base | op` with the writer's own op codes (0..15).
+  bool flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out);
 
-  // Completions of the two linked SQEs; when both are in, the batch's results are
+  // A completion of one of the writer's SQEs; when a batch is complete its results are
   // appended to `out`.
-  void on_write(int res, std::vector<result>& out);
-  void on_fsync(int res, std::vector<result>& out);
+  void on_cqe(unsigned op, int res, std::vector<result>& out);
 
   // Once a second: while unhealthy, probe the disk (truncate, write, fdatasync).
-  void tick();
+  void tick(io_uring* ring, uint64_t ud_base);
+  // At stop: nothing in flight any more; trim the segment to its real end.
+  void close();
 
   // Statistics (this shard only).
   uint64_t batches() const noexcept { return batches_; }
@@ -78,6 +80,9 @@ class writer {
   void inject_failure(int err) noexcept { inject_ = err; }
 
  private:
+  enum op_code : unsigned { op_write = 1, op_fsync = 2 };
+  void on_write(int res, std::vector<result>& out);
+  void on_fsync(int res, std::vector<result>& out);
   bool open_segment(std::string& err);
   void finish_batch(std::vector<result>& out);
   void fail_batch(int err, std::vector<result>& out);

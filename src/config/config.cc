@@ -196,7 +196,8 @@ config parse(const ctx& c, const toml::table& root) {
   if (auto* l = get_table(c, root, "limits")) {
     check_keys(c, *l, "limits.",
                {"message_size", "recipients", "line_length", "errors", "idle_timeout",
-                "session_timeout", "connections"});
+                "session_timeout", "connections", "output_buffer", "input_buffer", "send_timeout",
+                "message_memory", "shutdown_timeout"});
     auto& L = cfg.limits;
     L.message_size = get_int<uint64_t>(c, *l, "message_size", "limits.message_size", L.message_size,
                                        1024, int64_t(1) << 30);
@@ -206,7 +207,21 @@ config parse(const ctx& c, const toml::table& root) {
     L.idle_timeout = get_int<uint32_t>(c, *l, "idle_timeout", "limits.idle_timeout", L.idle_timeout, 1, 86400);
     L.session_timeout = get_int<uint32_t>(c, *l, "session_timeout", "limits.session_timeout",
                                           L.session_timeout, 1, 86400 * 7);
-    L.connections = get_int<uint32_t>(c, *l, "connections", "limits.connections", L.connections, 1, 1 << 20);
+    // 65536 slots per shard: the completion queue (at most 65536 entries) then still holds
+    // one completion per connection; beyond that, use more shards.
+    L.connections = get_int<uint32_t>(c, *l, "connections", "limits.connections", L.connections, 1, 65536);
+    L.output_buffer = get_int<uint32_t>(c, *l, "output_buffer", "limits.output_buffer", L.output_buffer,
+                                        1024, 64 << 20);
+    L.input_buffer = get_int<uint32_t>(c, *l, "input_buffer", "limits.input_buffer", L.input_buffer,
+                                       4096, 64 << 20);
+    L.send_timeout = get_int<uint32_t>(c, *l, "send_timeout", "limits.send_timeout", L.send_timeout, 1, 86400);
+    L.message_memory = get_int<uint64_t>(c, *l, "message_memory", "limits.message_memory", L.message_memory,
+                                         1 << 20, int64_t(1) << 40);
+    L.shutdown_timeout = get_int<uint32_t>(c, *l, "shutdown_timeout", "limits.shutdown_timeout",
+                                           L.shutdown_timeout, 0, 3600);
+    if (L.input_buffer < L.line_length)
+      c.fail(l->get("input_buffer")->source(), "limits.input_buffer",
+             "must be at least limits.line_length (" + std::to_string(L.line_length) + ")");
   }
 
   if (auto* t = get_table(c, root, "tls")) {
@@ -219,7 +234,9 @@ config parse(const ctx& c, const toml::table& root) {
   }
 
   if (auto* t = get_table(c, root, "tuning")) {
-    check_keys(c, *t, "tuning.", {"recv_buffers", "recv_buffer_size", "pin_shards"});
+    check_keys(c, *t, "tuning.",
+               {"recv_buffers", "recv_buffer_size", "pin_shards", "listen_backlog", "accept_resume",
+                "ring_entries", "buffer_keep"});
     cfg.tuning.pin_shards = get_bool(c, *t, "pin_shards", "tuning.pin_shards", true);
     cfg.tuning.recv_buffers = get_int<uint32_t>(c, *t, "recv_buffers", "tuning.recv_buffers",
                                                 cfg.tuning.recv_buffers, 1, 32768);
@@ -227,7 +244,26 @@ config parse(const ctx& c, const toml::table& root) {
       c.fail(t->get("recv_buffers")->source(), "tuning.recv_buffers", "must be a power of two");
     cfg.tuning.recv_buffer_size = get_int<uint32_t>(c, *t, "recv_buffer_size", "tuning.recv_buffer_size",
                                                     cfg.tuning.recv_buffer_size, 512, 1 << 20);
+    if (uint64_t(cfg.tuning.recv_buffers) * cfg.tuning.recv_buffer_size > (uint64_t(1) << 30))
+      c.fail(t->get(t->get("recv_buffer_size") ? "recv_buffer_size" : "recv_buffers")->source(),
+             "tuning.recv_buffers",
+             "recv_buffers x recv_buffer_size is " +
+                 std::to_string(uint64_t(cfg.tuning.recv_buffers) * cfg.tuning.recv_buffer_size) +
+                 " bytes per shard; at most 1 GiB");
+    cfg.tuning.listen_backlog = get_int<uint32_t>(c, *t, "listen_backlog", "tuning.listen_backlog",
+                                                  cfg.tuning.listen_backlog, 1, 65535);
+    cfg.tuning.accept_resume = get_int<uint32_t>(c, *t, "accept_resume", "tuning.accept_resume",
+                                                 cfg.tuning.accept_resume, 0, 65536);
+    cfg.tuning.ring_entries = get_int<uint32_t>(c, *t, "ring_entries", "tuning.ring_entries",
+                                                cfg.tuning.ring_entries, 64, 32768);
+    if (cfg.tuning.ring_entries & (cfg.tuning.ring_entries - 1))
+      c.fail(t->get("ring_entries")->source(), "tuning.ring_entries", "must be a power of two");
+    cfg.tuning.buffer_keep = get_int<uint32_t>(c, *t, "buffer_keep", "tuning.buffer_keep",
+                                               cfg.tuning.buffer_keep, 4096, 64 << 20);
   }
+  if (cfg.tuning.accept_resume > cfg.limits.connections)
+    c.fail(root.get("tuning")->as_table()->get("accept_resume")->source(), "tuning.accept_resume",
+           "must not exceed limits.connections (" + std::to_string(cfg.limits.connections) + ")");
   return cfg;
 }
 

@@ -30,6 +30,11 @@ struct limits {
   uint32_t idle_timeout = 300;               // seconds without a complete command/chunk
   uint32_t session_timeout = 1800;           // seconds per connection in total
   uint32_t connections = 1024;               // per shard: session slots
+  uint32_t output_buffer = 64 * 1024;        // unsent reply bytes at which input stops being read
+  uint32_t input_buffer = 256 * 1024;        // unprocessed input bytes at which reading pauses
+  uint32_t send_timeout = 300;               // seconds a send may make no progress
+  uint64_t message_memory = 256ull << 20;    // per shard: bytes of buffered message data
+  uint32_t shutdown_timeout = 5;             // seconds to finish sessions at stop
 };
 
 struct config {
@@ -53,6 +58,10 @@ struct config {
     uint32_t recv_buffers = 1024;      // provided-buffer ring entries per shard (power of 2)
     uint32_t recv_buffer_size = 16384;
     bool pin_shards = true;            // pin shard i to core i % ncpu
+    uint32_t listen_backlog = 4096;    // listen(2) backlog per socket (the kernel caps it at somaxconn)
+    uint32_t accept_resume = 0;        // free slots at which a paused accept resumes; 0 = connections / 16
+    uint32_t ring_entries = 1024;      // io_uring submission queue entries per shard
+    uint32_t buffer_keep = 64 * 1024;  // bytes a session slot's buffers keep between uses
   } tuning;
   std::string log_level = "info";
 };

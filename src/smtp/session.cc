@@ -14,8 +14,6 @@
 namespace tern::smtp {
 namespace {
 
-constexpr size_t shrink_above = 4u << 20;  // give back big message buffers after use
-
 bool has_ctl(std::string_view s) {
   for (char c : s) {
     auto u = static_cast<unsigned char>(c);
@@ -89,7 +87,7 @@ void session::feed(const char* p, size_t n) {
 }
 
 void session::process() {
-  while (!close_) {
+  while (!close_ && out_.size() < out_limit_) {
     size_t avail = in_.size() - in_off_;
     switch (state_) {
       case state::command: {
@@ -309,8 +307,23 @@ void session::cmd_bdat(std::string_view arg) {
   bdat_refuse_ = refuse;  // answered once the chunk has been read and discarded
 }
 
+// Message buffers grow by a quarter, not by doubling (libstdc++'s reserve doubles), so the
+// memory a message holds stays within 1.25 x its size (at least 8 KiB): the shard's
+// message_memory budget counts capacity, and a 10 MiB message should not hold 16 MiB.
+// (Small messages stay within tuning.buffer_keep, so the steady state reuses the buffer.)
+void session::grow_message(size_t extra) {
+  size_t need = msg_.size() + extra;
+  if (need <= msg_.capacity()) return;
+  size_t want = std::max({need, msg_.capacity() + msg_.capacity() / 4, size_t(8192)});
+  std::string t;
+  t.reserve(want);  // from empty: exactly `want`
+  t.append(msg_);
+  msg_.swap(t);
+}
+
 void session::step_data() {
   size_t avail = in_.size() - in_off_;
+  if (dot_.size() <= pol_->limits.message_size) grow_message(avail);
   size_t used = dot_.feed(in_.data() + in_off_, avail, msg_);
   in_off_ += used;
   if (dot_.done()) finish_message(dot_.bare_cr() || dot_.bare_lf(), dot_.nul(), dot_.too_big());
@@ -322,7 +335,10 @@ void session::step_bdat() {
   const char* p = in_.data() + in_off_;
   if (bdat_ok_) {
     eol_.feed(p, take);
-    if (bdat_total_ + take <= pol_->limits.message_size) msg_.append(p, take);
+    if (bdat_total_ + take <= pol_->limits.message_size) {
+      grow_message(take);
+      msg_.append(p, take);
+    }
     bdat_total_ += take;
   }
   in_off_ += take;
@@ -433,9 +449,24 @@ void session::reset_transaction() {
   bdat_used_ = bdat_failed_ = false;
   bdat_total_ = 0;
   if (state_ != state::commit_wait) {
-    if (msg_.capacity() > shrink_above) std::string().swap(msg_);
+    if (msg_.capacity() > pol_->buffer_keep) std::string().swap(msg_);
     msg_.clear();
   }
+}
+
+void session::trim() noexcept {
+  size_t keep = pol_ ? pol_->buffer_keep : 0;
+  auto shrink = [keep](std::string& b) {
+    if (b.capacity() > keep) std::string().swap(b);
+  };
+  if (in_off_ == in_.size()) {
+    in_.clear();
+    in_off_ = 0;
+    shrink(in_);
+  }
+  if (out_.empty()) shrink(out_);
+  if (state_ != state::commit_wait && !receiving_message() && msg_.empty()) shrink(msg_);
+  if (rcpt_block_.empty()) shrink(rcpt_block_);
 }
 
 void session::idle_timeout() {

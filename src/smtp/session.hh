@@ -41,6 +41,7 @@ struct policy {
   config::limits limits;
   std::vector<net::cidr> relay_networks;
   std::vector<std::string> relay_domains;
+  size_t buffer_keep = 64 * 1024;  // capacity a buffer keeps between uses; more is given back
 };
 
 struct conn_info {
@@ -83,6 +84,17 @@ class session {
   void commit_done(bool ok);
   // Bytes received but not yet processed (the shard pauses reading when this grows).
   size_t pending_input() const noexcept { return in_.size() - in_off_; }
+  // Output waiting for take_output(). process() stops (and resumes at the next call) once
+  // this reaches the limit: a client that pipelines commands and never reads its replies
+  // cannot make the session buffer replies without bound.
+  size_t output_size() const noexcept { return out_.size(); }
+  void set_output_limit(size_t n) noexcept { out_limit_ = n; }
+  // Memory held by the message buffer (the shard's message_memory budget counts it).
+  size_t message_bytes() const noexcept { return msg_.capacity(); }
+  // Reading DATA or BDAT content: the state in which message memory grows.
+  bool receiving_message() const noexcept { return state_ == state::data || state_ == state::bdat; }
+  // Give back buffer capacity above policy.buffer_keep (idle between uses).
+  void trim() noexcept;
 
   // Timeouts, decided by the shard's clock.
   void idle_timeout();
@@ -92,6 +104,7 @@ class session {
   // One line for the connection, postfix-style, at disconnect.
   void log_disconnect(bool lost) const;
 
+  const std::string& client_ip() const noexcept { return client_ip_; }
   // Counters for logs and metrics.
   uint32_t messages() const noexcept { return n_queued_; }
   uint32_t errors() const noexcept { return errors_; }
@@ -111,6 +124,7 @@ class session {
   void begin_message();
   void finish_message(bool bare, bool nul, bool too_big);
   bool relay_allowed(std::string_view rcpt) const;
+  void grow_message(size_t extra);
   void step_data();
   void step_bdat();
 
@@ -127,6 +141,7 @@ class session {
   std::string in_;
   size_t in_off_ = 0;
   std::string out_;
+  size_t out_limit_ = SIZE_MAX;
 
   // Session
   std::string helo_;

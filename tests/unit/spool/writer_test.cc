@@ -31,8 +31,7 @@ struct ring_fixture {
       uint64_t d = cqe->user_data;
       int res = cqe->res;
       io_uring_cqe_seen(&ring, cqe);
-      if (d == 1) w.on_write(res, out);
-      if (d == 2) w.on_fsync(res, out);
+      w.on_cqe(static_cast<unsigned>(d), res, out);
     }
   }
 };
@@ -81,7 +80,7 @@ TEST(Writer, GroupCommitThenRecoverable) {
   for (int i = 0; i < 10; ++i) msgs.push_back(make_msg(w));
   std::vector<writer::result> out;
   for (size_t i = 0; i < msgs.size(); ++i) w.append(msgs[i].data(), msgs[i].size(), i);
-  ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+  ASSERT_TRUE(w.flush(&r.ring, 0, out));
   EXPECT_TRUE(out.empty());  // nothing is acknowledged before the fsync completes
   r.complete(w, out);
   ASSERT_EQ(out.size(), 10u);
@@ -100,7 +99,7 @@ TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
   std::vector<writer::result> out;
   w.append(a.data(), a.size(), 1);
   w.inject_failure(ENOSPC);
-  ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+  ASSERT_TRUE(w.flush(&r.ring, 0, out));
   r.complete(w, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_FALSE(out[0].ok);
@@ -109,15 +108,15 @@ TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
   // While unhealthy, appends fail without I/O.
   out.clear();
   w.append(b.data(), b.size(), 2);
-  EXPECT_FALSE(w.flush(&r.ring, 1, 2, out));
+  EXPECT_FALSE(w.flush(&r.ring, 0, out));
   ASSERT_EQ(out.size(), 1u);
   EXPECT_FALSE(out[0].ok);
   // The probe finds the disk writable again.
-  w.tick();
+  w.tick(&r.ring, 0);
   EXPECT_TRUE(w.healthy());
   out.clear();
   w.append(b.data(), b.size(), 3);
-  ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+  ASSERT_TRUE(w.flush(&r.ring, 0, out));
   r.complete(w, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_TRUE(out[0].ok);
@@ -147,7 +146,7 @@ TEST(Writer, RotatesSegments) {
   std::vector<writer::result> out;
   for (int i = 0; i < 3; ++i) {
     w.append(big.data(), big.size(), static_cast<uint64_t>(i));
-    ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+    ASSERT_TRUE(w.flush(&r.ring, 0, out));
     r.complete(w, out);
   }
   EXPECT_GE(list_segments(f.t.path).size(), 2u);
@@ -162,7 +161,7 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
   w.append(a.data(), a.size(), 1);
   w.append(b.data(), b.size(), 2);
   w.inject_failure(EIO);
-  ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+  ASSERT_TRUE(w.flush(&r.ring, 0, out));
   // Arrives while the failing batch is in flight: it belongs to the next batch.
   w.append(c.data(), c.size(), 3);
   r.complete(w, out);
@@ -171,7 +170,7 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
   EXPECT_FALSE(out[1].ok);
   EXPECT_EQ(w.last_error(), "Input/output error");
   out.clear();
-  EXPECT_FALSE(w.flush(&r.ring, 1, 2, out));  // unhealthy: refused without I/O
+  EXPECT_FALSE(w.flush(&r.ring, 0, out));  // unhealthy: refused without I/O
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(out[0].token, 3u);
   EXPECT_FALSE(out[0].ok);
