@@ -1,6 +1,9 @@
 #include "src/config/config.hh"
 
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <thread>
 
 #include <algorithm>
 #include <fstream>
@@ -260,6 +263,21 @@ config parse(const ctx& c, const toml::table& root) {
       c.fail(t->get("ring_entries")->source(), "tuning.ring_entries", "must be a power of two");
     cfg.tuning.buffer_keep = get_int<uint32_t>(c, *t, "buffer_keep", "tuning.buffer_keep",
                                                cfg.tuning.buffer_keep, 4096, 64 << 20);
+  }
+  // Every slot is a file descriptor: a value the process can never open is refused here,
+  // not found out under load as EMFILE (ternd checks the soft limit again at start).
+  {
+    rlimit rl{};
+    unsigned nshards = cfg.shards ? cfg.shards : std::max(1u, std::thread::hardware_concurrency());
+    uint64_t need = uint64_t(nshards) * (cfg.limits.connections + 64) + 256;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && need > rl.rlim_max) {
+      const toml::node* at = nullptr;
+      if (auto* l = root.get("limits"); l && l->as_table()) at = l->as_table()->get("connections");
+      c.fail(at ? at->source() : root.source(), "limits.connections",
+             std::to_string(nshards) + " shard(s) x " + std::to_string(cfg.limits.connections) +
+                 " connections need " + std::to_string(need) +
+                 " file descriptors; RLIMIT_NOFILE allows at most " + std::to_string(rl.rlim_max));
+    }
   }
   if (cfg.tuning.accept_resume > cfg.limits.connections)
     c.fail(root.get("tuning")->as_table()->get("accept_resume")->source(), "tuning.accept_resume",
