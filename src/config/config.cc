@@ -240,12 +240,14 @@ config parse(const ctx& c, const toml::table& root) {
 
   if (auto* l = get_table(c, root, "limits")) {
     check_keys(c, *l, "limits.",
-               {"message_size", "recipients", "line_length", "errors", "junk_commands", "idle_timeout",
+               {"message_size", "recipients", "recipient_overshoot", "line_length", "errors", "junk_commands", "idle_timeout",
                 "session_timeout", "connections"});
     auto& L = cfg.limits;
     L.message_size = get_int<uint64_t>(c, *l, "message_size", "limits.message_size", L.message_size,
                                        1024, int64_t(1) << 30);
     L.recipients = get_int<uint32_t>(c, *l, "recipients", "limits.recipients", L.recipients, 1, 100000);
+    L.recipient_overshoot = get_int<uint32_t>(c, *l, "recipient_overshoot", "limits.recipient_overshoot",
+                                              L.recipient_overshoot, 0, 100000);
     L.line_length = get_int<uint32_t>(c, *l, "line_length", "limits.line_length", L.line_length, 512, 65536);
     L.errors = get_int<uint32_t>(c, *l, "errors", "limits.errors", L.errors, 1, 1000);
     L.junk_commands = get_int<uint32_t>(c, *l, "junk_commands", "limits.junk_commands", L.junk_commands, 1, 100000);

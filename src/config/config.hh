@@ -33,7 +33,8 @@ struct listener {
 
 struct limits {
   uint64_t message_size = 10 * 1024 * 1024;  // bytes, SIZE= advertised
-  uint32_t recipients = 1000;                // per message
+  uint32_t recipients = 1000;                // per message; more get 452 4.5.3
+  uint32_t recipient_overshoot = 1000;       // 452s per message before each counts as an error
   uint32_t line_length = 2048;               // SMTP command line, incl. CRLF
   uint32_t errors = 20;                      // per session, then 421 and close
   uint32_t junk_commands = 100;              // NOOP/RSET/VRFY/HELP per session, then 421 and close

@@ -373,10 +373,7 @@ void shard::on_accept(uint32_t li, const io_uring_cqe* cqe) {
   }
   c.ph = phase::smtp;
   c.smtp_started = true;
-  smtp::conn_info ci;
-  ci.client = peer;
-  ci.peer = peer;
-  c.sess.reset(&policy_, this, ci);
+  c.sess.reset(&policy_, this, smtp::from_socket(peer, L));
   c.sess.start(writer_.healthy() ? nullptr : "421 4.3.0 Spool unavailable, try again later");
   pump(c, idx);
 }
@@ -428,14 +425,9 @@ void shard::on_input(conn& c, uint32_t idx, const char* p, size_t n) {
       begin_close(c, idx);
       return;
     }
-    smtp::conn_info ci;
-    ci.peer = c.peer;
-    ci.client = h.local ? c.peer : h.src;
-    ci.proxied = !h.local;
-    ci.proxy_version = h.version;
     c.ph = phase::smtp;
     c.smtp_started = true;
-    c.sess.reset(&policy_, this, ci);
+    c.sess.reset(&policy_, this, smtp::from_proxy(h, c.peer, L));
     c.sess.start(writer_.healthy() ? nullptr : "421 4.3.0 Spool unavailable, try again later");
     if (r.consumed < c.proxy_buf.size())
       c.sess.feed(c.proxy_buf.data() + r.consumed, c.proxy_buf.size() - r.consumed);
