@@ -95,6 +95,7 @@ trusted_proxies = ["127.0.0.1"]
 local_relay = true
 [limits]
 junk_commands = 7
+recipient_overshoot = 0
 )", "t.toml", err);
   ASSERT_TRUE(c) << err;
   EXPECT_TRUE(c->listen[0].allow_bare_lf);
@@ -102,12 +103,14 @@ junk_commands = 7
   EXPECT_FALSE(c->listen[1].allow_bare_lf);
   EXPECT_TRUE(c->listen[1].local_relay);
   EXPECT_EQ(c->limits.junk_commands, 7u);
+  EXPECT_EQ(c->limits.recipient_overshoot, 0u);
   // Defaults.
   auto d = load_string("[[listen]]\naddress = \"127.0.0.1:25\"\n", "t.toml", err);
   ASSERT_TRUE(d) << err;
   EXPECT_FALSE(d->listen[0].allow_bare_lf);
   EXPECT_FALSE(d->listen[0].local_relay);
   EXPECT_EQ(d->limits.junk_commands, 100u);
+  EXPECT_EQ(d->limits.recipient_overshoot, 1000u);
   EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\nlocal_relay = true\n"),
             "t.toml:3: listen.local_relay: only meaningful with proxy_protocol = true");
   EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[limits]\njunk_commands = 0\n"),
