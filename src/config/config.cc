@@ -137,7 +137,8 @@ bool is_wildcard(const net::address& a) {
 }
 
 bool overlaps(const net::address& a, const net::address& b) {
-  if (a.family() != b.family() || a.port() != b.port()) return false;
+  // Port 0: the kernel picks a free port for each listener, so they never collide.
+  if (a.family() != b.family() || a.port() != b.port() || a.port() == 0) return false;
   return a.ip() == b.ip() || is_wildcard(a) || is_wildcard(b);
 }
 

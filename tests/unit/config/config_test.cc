@@ -130,12 +130,13 @@ TEST(Config, OverlappingListenersAreRefused) {
   // The same address spelled differently is the same listener.
   EXPECT_NE(error_of("[[listen]]\naddress = \"[::1]:25\"\n[[listen]]\naddress = \"[0:0::1]:25\"\n").find("overlaps"),
             std::string::npos);
-  // Different ports, different specific addresses, and [::] vs 0.0.0.0 (IPv6 sockets are
-  // V6ONLY) do not overlap.
+  // Different ports, different specific addresses, [::] vs 0.0.0.0 (IPv6 sockets are
+  // V6ONLY) and port 0 (each listener gets its own free port) do not overlap.
   std::string err;
   EXPECT_TRUE(load_string("[[listen]]\naddress = \"0.0.0.0:25\"\n[[listen]]\naddress = \"0.0.0.0:587\"\n"
                           "[[listen]]\naddress = \"[::]:25\"\n[[listen]]\naddress = \"127.0.0.1:2525\"\n"
-                          "[[listen]]\naddress = \"127.0.0.2:2525\"\n",
+                          "[[listen]]\naddress = \"127.0.0.2:2525\"\n"
+                          "[[listen]]\naddress = \"127.0.0.1:0\"\n[[listen]]\naddress = \"127.0.0.1:0\"\n",
                           "t.toml", err))
       << err;
 }
