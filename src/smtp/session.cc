@@ -548,9 +548,11 @@ void session::shutdown() {
 
 void session::log_disconnect(bool lost) const {
   if (!log::enabled(log::level::info)) return;
+  // A PROXY health check says so ("proxy_local_v2"): its address is the proxy's own.
   log::info("{} from unknown[{}]{}{}{}{}{}{}{} commands={} queued={} rejected={} errors={}",
             lost ? "lost connection" : "disconnect", client_ip_, ci_.proxied ? " proxy=[" : "", peer_ip_,
-            ci_.proxied ? "] proxy_v" : "", ci_.proxied ? (ci_.proxy_version == 1 ? "1" : "2") : "",
+            ci_.proxied ? "] proxy_v" : (ci_.proxy_local ? " proxy_local_v" : ""),
+            ci_.proxied || ci_.proxy_local ? (ci_.proxy_version == 1 ? "1" : "2") : "",
             helo_.empty() ? "" : " helo=<", log::safe{helo_, helo_.empty() ? 0u : 256u}, helo_.empty() ? "" : ">",
             n_cmds_, n_queued_, n_rejected_, errors_);
 }

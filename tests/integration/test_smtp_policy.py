@@ -121,6 +121,8 @@ def test_proxy_health_check_may_talk_but_not_relay(ternd_factory, kind):
             b"554 5.7.1 <x@elsewhere.test>: Relay access denied\r\n"
         assert dialogue(s, b"RCPT TO:<x@relay.example>\r\n") == b"250 2.1.5 Ok\r\n"
         assert dialogue(s, b"QUIT\r\n") == b"221 2.0.0 Bye\r\n"
+    version = "1" if kind.startswith("v1") else "2"
+    assert t.wait_log(f"disconnect from unknown[127.0.0.1] proxy_local_v{version} helo=<haproxy-check>"), t.log()[-2000:]
 
 
 def test_proxy_health_check_relays_with_local_relay(ternd_factory):
