@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "net/address.hh"
@@ -20,13 +21,23 @@ struct listener {
   uint32_t proxy_max_header = 4096;
   bool tls = false;
   bool auth = false;
+  // A PROXY health check (v2 LOCAL, v2 UNSPEC/AF_UNIX, v1 UNKNOWN) has no client address:
+  // the session sees the proxy's own. When false (the default) such a session may talk
+  // SMTP but never relays on the strength of the proxy's address matching relay.networks.
+  bool local_relay = false;
+  // Accept a bare LF as the end of a command line (legacy clients). Default: refuse it
+  // with 550 5.5.2 and close, like postfix's smtpd_forbid_bare_newline = reject.
+  bool allow_bare_lf = false;
+  int line = 0;  // where the [[listen]] table starts in the file, for messages
 };
 
 struct limits {
   uint64_t message_size = 10 * 1024 * 1024;  // bytes, SIZE= advertised
-  uint32_t recipients = 1000;                // per message
+  uint32_t recipients = 1000;                // per message; more get 452 4.5.3
+  uint32_t recipient_overshoot = 1000;       // 452s per message before each counts as an error
   uint32_t line_length = 2048;               // SMTP command line, incl. CRLF
   uint32_t errors = 20;                      // per session, then 421 and close
+  uint32_t junk_commands = 100;              // NOOP/RSET/VRFY/HELP per session, then 421 and close
   uint32_t idle_timeout = 300;               // seconds without a complete command/chunk
   uint32_t session_timeout = 1800;           // seconds per connection in total
   uint32_t connections = 1024;               // per shard: session slots
@@ -65,6 +76,11 @@ struct config {
   } tuning;
   std::string log_level = "info";
 };
+
+// A DNS host name as RFC 1035 2.3.1 / RFC 1123 2.1 allow it: dot-separated labels of
+// letters, digits and hyphens, 1 to 63 bytes each, not starting or ending with a hyphen,
+// at most 253 bytes in all, no empty label (no leading, trailing or double dot).
+bool valid_dns_name(std::string_view name) noexcept;
 
 // The configuration used when ternd runs without --config.
 extern const char* const embedded_default;

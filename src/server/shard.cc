@@ -304,10 +304,7 @@ void shard::on_accept(uint32_t li, const io_uring_cqe& cqe) {
     arm_timer(c, c.accepted_ms + L.proxy_timeout_ms);
     return;
   }
-  smtp::conn_info ci;
-  ci.client = peer;
-  ci.peer = peer;
-  start_smtp(c, ci);
+  start_smtp(c, smtp::from_socket(peer, L));
   pump(c);
 }
 
@@ -374,12 +371,7 @@ void shard::on_input(conn& c, const char* p, size_t n) {
       begin_close(c);
       return;
     }
-    smtp::conn_info ci;
-    ci.peer = c.peer;
-    ci.client = h.local ? c.peer : h.src;
-    ci.proxied = !h.local;
-    ci.proxy_version = h.version;
-    start_smtp(c, ci);
+    start_smtp(c, smtp::from_proxy(h, c.peer, L));
     if (r.consumed < c.proxy_buf.size()) {
       c.tp->on_recv(c.proxy_buf.data() + r.consumed, c.proxy_buf.size() - r.consumed, c, c.wire_next);
     }

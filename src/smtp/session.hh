@@ -11,7 +11,15 @@
 // commit_done(ok) once the group-commit fdatasync has completed: only then is the 250 sent.
 //
 // Trust: all input is untrusted. Lines are bounded (limits.line_length), messages by
-// limits.message_size, recipients by limits.recipients, errors by limits.errors.
+// limits.message_size, recipients by limits.recipients (+ limits.recipient_overshoot
+// before excess RCPTs count as errors), errors by limits.errors, commands that do no
+// mail work by limits.junk_commands. Command lines end in CRLF only (a bare LF closes
+// the session unless the listener has allow_bare_lf). Relay permission comes from the
+// client address (relay.networks, unless conn_info says the address is not the
+// client's) or from the recipient domain (relay.domains) when the recipient carries no
+// routing (source route, or '@' '%' '!' in the local part). Client text that reaches
+// the Received: header (HELO) is reduced to a token; addresses are validated first
+// (non-ASCII needs SMTPUTF8 and valid UTF-8).
 #include <cstdint>
 #include <span>
 #include <string>
@@ -19,6 +27,7 @@
 #include <vector>
 
 #include "net/address.hh"
+#include "net/proxy.hh"
 #include "src/config/config.hh"
 #include "src/smtp/data.hh"
 
@@ -47,9 +56,23 @@ struct policy {
 struct conn_info {
   net::address client;  // the client as trusted: PROXY source when a trusted proxy sent one
   net::address peer;    // the socket peer
-  bool proxied = false;
+  bool proxied = false;      // client came from a PROXY header
+  bool proxy_local = false;  // PROXY LOCAL/UNKNOWN/UNSPEC/UNIX: a health check, client = peer
   uint8_t proxy_version = 0;
+  // The client address may grant relay permission through relay.networks. False for a
+  // PROXY health check unless the listener sets local_relay: there `client` is the
+  // proxy's own address, which says nothing about who is really talking.
+  bool relay_by_address = true;
+  bool allow_bare_lf = false;  // listener: accept LF alone as a command line end
 };
+
+// What the shard calls to describe a new connection to its session.
+// A plain listener: the socket peer is the client.
+conn_info from_socket(const net::address& peer, const config::listener& l);
+// A proxy_protocol listener, once parse_proxy() said done: the header's source for a
+// proxied connection; for a health check (h.local) the socket peer, without relay
+// permission by address unless l.local_relay.
+conn_info from_proxy(const net::proxy_header& h, const net::address& peer, const config::listener& l);
 
 class session {
  public:
@@ -123,7 +146,8 @@ class session {
   void reset_transaction();
   void begin_message();
   void finish_message(bool bare, bool nul, bool too_big);
-  bool relay_allowed(std::string_view rcpt) const;
+  bool relay_allowed(std::string_view rcpt, bool routed) const;
+  void put_received_helo();
   void grow_message(size_t extra);
   void step_data();
   void step_bdat();
@@ -150,6 +174,7 @@ class session {
   uint32_t n_queued_ = 0;
   uint32_t n_cmds_ = 0;
   uint32_t n_rejected_ = 0;
+  uint32_t n_junk_ = 0;  // junk commands since the session started or last queued a message
 
   // Transaction
   bool have_mail_ = false;
@@ -160,6 +185,7 @@ class session {
   std::string rcpt_block_;  // recipients encoded as spool records want them
   std::string first_rcpt_;
   uint32_t nrcpt_ = 0;
+  uint32_t n_excess_rcpt_ = 0;  // RCPTs over limits.recipients in this transaction
   bool bdat_used_ = false;
   bool bdat_failed_ = false;  // this transaction's BDAT was refused; swallow the rest
 
