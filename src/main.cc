@@ -103,6 +103,7 @@ int run(const config::config& cfg) {
   sigaddset(&sigs, SIGINT);
   sigaddset(&sigs, SIGTERM);
   sigaddset(&sigs, SIGHUP);
+  sigaddset(&sigs, SIGUSR1);
   sigaddset(&sigs, SIGPIPE);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
@@ -189,6 +190,11 @@ int run(const config::config& cfg) {
         continue;
       }
       if (sig == SIGPIPE) continue;
+      if (sig == SIGUSR1) {  // each shard logs its counters, asked through its inbox
+        for (auto& sh : shards)
+          if (!sh->post_log_stats_ok()) log::warn("a shard's inbox is full: stats request dropped");
+        continue;
+      }
       log::info("signal {}: stopping", sig == SIGTERM ? "TERM" : "INT");
       sd_notify(0, "STOPPING=1");
       break;

@@ -111,17 +111,29 @@ void shard::run() {
   for (uint32_t li = 0; li < setup_.listen_fds.size(); ++li) arm_accept(li);
   rx_->run(*this);
   writer_.close();
+  log_stats("stopped");
+  log::flush();
+  log::buffer_this_thread(false);
+}
+
+void shard::log_stats(const char* what) {
   const auto& lc = rx_->counters();
-  log::info("shard {}: stopped: connections={} messages={} spool_batches={} ({:.1f} messages per fdatasync) "
+  log::info("shard {}: {}: connections={} messages={} spool_batches={} ({:.1f} messages per fdatasync) "
             "spool_failures={} refused_full={} refused_untrusted={} proxy_errors={} enobufs={} input_paused={} "
-            "output_paused={} memory_paused={} message_memory_peak={} send_timeouts={} timeouts={} loop_iterations={}",
-            setup_.index, ctr_.connections.load(), ctr_.messages.load(), writer_.batches(),
+            "output_paused={} memory_paused={} message_memory={} message_memory_peak={} send_timeouts={} timeouts={} "
+            "loop_iterations={} sq_full={}",
+            setup_.index, what, ctr_.connections.load(), ctr_.messages.load(), writer_.batches(),
             writer_.batches() ? double(writer_.records()) / double(writer_.batches()) : 0.0,
             ctr_.spool_failures.load(), ctr_.refused_full.load(), ctr_.refused_untrusted.load(),
             ctr_.proxy_errors.load(), ctr_.enobufs.load(), ctr_.input_paused.load(), ctr_.output_paused.load(),
-            ctr_.memory_paused.load(), ctr_.message_memory_peak.load(), ctr_.send_timeouts.load(), ctr_.timeouts.load(), lc.iterations.load());
-  log::flush();
-  log::buffer_this_thread(false);
+            ctr_.memory_paused.load(), ctr_.message_memory.load(), ctr_.message_memory_peak.load(),
+            ctr_.send_timeouts.load(), ctr_.timeouts.load(), lc.iterations.load(), lc.sq_full.load());
+}
+
+bool shard::post_log_stats_ok() {
+  control_msg m;
+  m.fn = [](void*, shard& s) { s.log_stats("stats"); };
+  return post(m);
 }
 
 // --- loop hooks -------------------------------------------------------------------------

@@ -96,6 +96,8 @@ class shard final : public smtp::session_host, private core::completion_handler,
   void request_stop();
   // From any thread: run msg.fn on the shard thread soon. False when the inbox is full.
   bool post(const control_msg& m);
+  // From any thread: the shard logs its counters (SIGUSR1), through its inbox.
+  bool post_log_stats_ok();
   const shard_counters& counters() const noexcept { return ctr_; }
   // Heartbeat and loop counters (any thread); all zero before init.
   const core::reactor_counters* loop_counters() const noexcept { return rx_ ? &rx_->counters() : nullptr; }
@@ -165,6 +167,7 @@ class shard final : public smtp::session_host, private core::completion_handler,
   void spool_results();
   void tick();
   void begin_stop();
+  void log_stats(const char* what);
 
   shard_setup setup_;
   const config::config& cfg_;
