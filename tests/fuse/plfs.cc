@@ -17,7 +17,10 @@
 // Writing "drop" to the control file /.plfs-control cuts the power: every current image
 // is replaced by its durable one. Files return to their last synced content and size,
 // unsynced names vanish (with everything below them), unsynced unlinks and renames are
-// undone. "sync" makes everything durable (a sync(2) with every directory fsynced, for
+// undone. "drop-torn SEED" is a harsher cut, as if some dirty data had been written back
+// before it: a random-length prefix of each file's unsynced appends survives, cut at any
+// byte (torn records), and each directory keeps all or none of its unsynced changes.
+// "sync" makes everything durable (a sync(2) with every directory fsynced, for
 // test setup). Reading the control file gives counters (key=value lines).
 //
 // What it trusts: the tests that mount it. It is a test helper, not a file system for
@@ -49,7 +52,7 @@
 #include <memory>
 #include <set>
 #include <string>
-#include <unordered_map>
+#include <random>
 #include <vector>
 
 namespace {
@@ -88,6 +91,7 @@ struct node {
 struct counters {
   uint64_t writes = 0, bytes_written = 0, fsyncs = 0, fdatasyncs = 0, fsyncdirs = 0;
   uint64_t drops = 0, dropped_bytes = 0, dropped_files = 0, dropped_entries = 0;
+  uint64_t torn_kept_bytes = 0, torn_kept_dirs = 0;
 };
 
 struct dir_snapshot {
@@ -99,9 +103,9 @@ struct dir_snapshot {
   std::vector<item> items;
 };
 
-std::unordered_map<fuse_ino_t, std::unique_ptr<node>> nodes_;
-fuse_ino_t next_ino_ = control_ino + 1;
-counters stats_;
+std::map<fuse_ino_t, std::unique_ptr<node>> nodes;  // by inode: drops walk in a set order
+fuse_ino_t next_ino = control_ino + 1;
+counters stats;
 
 timespec now() {
   timespec ts;
@@ -110,19 +114,19 @@ timespec now() {
 }
 
 node* find(fuse_ino_t ino) {
-  auto it = nodes_.find(ino);
-  return it == nodes_.end() ? nullptr : it->second.get();
+  auto it = nodes.find(ino);
+  return it == nodes.end() ? nullptr : it->second.get();
 }
 
 node* make_node(mode_t mode, const fuse_ctx* ctx) {
   auto n = std::make_unique<node>();
-  n->ino = next_ino_++;
+  n->ino = next_ino++;
   n->mode = mode;
   n->uid = ctx ? ctx->uid : 0;
   n->gid = ctx ? ctx->gid : 0;
   n->atime = n->mtime = n->ctime = now();
   node* p = n.get();
-  nodes_[p->ino] = std::move(n);
+  nodes[p->ino] = std::move(n);
   return p;
 }
 
@@ -211,16 +215,16 @@ void truncate_to(node& n, uint64_t size) {
   n.mtime = n.ctime = now();
 }
 
-std::string read_data(const node& n, size_t len, uint64_t off) {
-  if (off >= n.cur.size) return {};
-  len = static_cast<size_t>(std::min<uint64_t>(len, n.cur.size - off));
+std::string read_image(const file_image& img, size_t len, uint64_t off) {
+  if (off >= img.size) return {};
+  len = static_cast<size_t>(std::min<uint64_t>(len, img.size - off));
   std::string out(len, '\0');
   for (size_t done = 0; done < len;) {
     uint64_t pos = off + done;
     size_t in = static_cast<size_t>(pos % block_size);
     size_t k = std::min(len - done, block_size - in);
-    auto it = n.cur.blocks.find(pos / block_size);
-    if (it != n.cur.blocks.end()) memcpy(out.data() + done, it->second->data() + in, k);
+    auto it = img.blocks.find(pos / block_size);
+    if (it != img.blocks.end()) memcpy(out.data() + done, it->second->data() + in, k);
     done += k;
   }
   return out;
@@ -245,7 +249,7 @@ void commit_file(node& n) {
 void commit_dir(node& n) { n.durable_entries = n.entries; }
 
 void sync_all() {
-  for (auto& [ino, n] : nodes_) {
+  for (auto& [ino, n] : nodes) {
     if (n->is_dir())
       commit_dir(*n);
     else
@@ -254,21 +258,21 @@ void sync_all() {
 }
 
 void drop_all() {
-  ++stats_.drops;
-  for (auto& [ino, n] : nodes_) {
+  ++stats.drops;
+  for (auto& [ino, n] : nodes) {
     if (n->is_dir()) {
       for (auto& [name, child] : n->entries) {
         auto d = n->durable_entries.find(name);
-        if (d == n->durable_entries.end() || d->second != child) ++stats_.dropped_entries;
+        if (d == n->durable_entries.end() || d->second != child) ++stats.dropped_entries;
       }
       for (auto& [name, child] : n->durable_entries)
-        if (!n->entries.count(name)) ++stats_.dropped_entries;
+        if (!n->entries.count(name)) ++stats.dropped_entries;
       n->entries = n->durable_entries;
       for (auto& [name, child] : n->entries)
         if (node* c = find(child); c && c->is_dir()) c->parent = n->ino;
     } else {
-      if (!n->dirty.empty() || n->size_dirty) ++stats_.dropped_files;
-      stats_.dropped_bytes += n->unsynced_bytes;
+      if (!n->dirty.empty() || n->size_dirty) ++stats.dropped_files;
+      stats.dropped_bytes += n->unsynced_bytes;
       n->cur = n->durable;
       n->dirty.clear();
       n->size_dirty = false;
@@ -278,9 +282,53 @@ void drop_all() {
   }
 }
 
+// A harsher power cut, like a file system that had written some of the dirty data back
+// before the power went: of what was appended since the last fsync, a prefix of random
+// length survives (cut at any byte: the spool sees torn records); unsynced overwrites
+// below the durable size are lost; each directory keeps either all or none of its
+// unsynced entry changes. What was fsynced survives as with drop_all.
+void drop_torn(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  ++stats.drops;
+  for (auto& [ino, n] : nodes) {
+    if (n->is_dir()) {
+      if (n->entries == n->durable_entries) continue;
+      if (rng() & 1) {
+        commit_dir(*n);
+        ++stats.torn_kept_dirs;
+      } else {
+        for (auto& [name, child] : n->entries)
+          if (!n->durable_entries.count(name) || n->durable_entries[name] != child) ++stats.dropped_entries;
+        for (auto& [name, child] : n->durable_entries)
+          if (!n->entries.count(name)) ++stats.dropped_entries;
+        n->entries = n->durable_entries;
+      }
+      for (auto& [name, child] : n->entries)
+        if (node* c = find(child); c && c->is_dir()) c->parent = n->ino;
+      continue;
+    }
+    if (n->dirty.empty() && !n->size_dirty) continue;
+    file_image was = n->cur;
+    uint64_t from = n->durable.size;
+    uint64_t keep = from;
+    if (was.size > from) keep = from + rng() % (was.size - from + 1);
+    n->cur = n->durable;
+    n->dirty.clear();
+    n->size_dirty = false;
+    std::string tail = read_image(was, static_cast<size_t>(keep - from), from);
+    uint64_t unsynced = n->unsynced_bytes;
+    if (!tail.empty()) write_data(*n, tail.data(), tail.size(), from);
+    commit_file(*n);
+    ++stats.dropped_files;
+    stats.torn_kept_bytes += tail.size();
+    stats.dropped_bytes += unsynced > tail.size() ? unsynced - tail.size() : 0;
+    n->mtime = n->ctime = now();
+  }
+}
+
 std::string control_text() {
   uint64_t unsynced_bytes = 0, unsynced_files = 0, unsynced_dirs = 0;
-  for (auto& [ino, n] : nodes_) {
+  for (auto& [ino, n] : nodes) {
     if (n->is_dir()) {
       unsynced_dirs += n->entries != n->durable_entries;
     } else {
@@ -292,12 +340,14 @@ std::string control_text() {
   snprintf(b, sizeof b,
            "writes=%llu\nbytes_written=%llu\nfsyncs=%llu\nfdatasyncs=%llu\nfsyncdirs=%llu\n"
            "drops=%llu\ndropped_bytes=%llu\ndropped_files=%llu\ndropped_entries=%llu\n"
+           "torn_kept_bytes=%llu\ntorn_kept_dirs=%llu\n"
            "unsynced_bytes=%llu\nunsynced_files=%llu\nunsynced_dirs=%llu\n",
-           (unsigned long long)stats_.writes, (unsigned long long)stats_.bytes_written,
-           (unsigned long long)stats_.fsyncs, (unsigned long long)stats_.fdatasyncs,
-           (unsigned long long)stats_.fsyncdirs, (unsigned long long)stats_.drops,
-           (unsigned long long)stats_.dropped_bytes, (unsigned long long)stats_.dropped_files,
-           (unsigned long long)stats_.dropped_entries, (unsigned long long)unsynced_bytes,
+           (unsigned long long)stats.writes, (unsigned long long)stats.bytes_written,
+           (unsigned long long)stats.fsyncs, (unsigned long long)stats.fdatasyncs,
+           (unsigned long long)stats.fsyncdirs, (unsigned long long)stats.drops,
+           (unsigned long long)stats.dropped_bytes, (unsigned long long)stats.dropped_files,
+           (unsigned long long)stats.dropped_entries, (unsigned long long)stats.torn_kept_bytes,
+           (unsigned long long)stats.torn_kept_dirs, (unsigned long long)unsynced_bytes,
            (unsigned long long)unsynced_files, (unsigned long long)unsynced_dirs);
   return b;
 }
@@ -311,7 +361,7 @@ void op_init(void*, fuse_conn_info* conn) {
   root->ino = FUSE_ROOT_ID;
   root->mode = S_IFDIR | 0755;
   root->atime = root->mtime = root->ctime = now();
-  nodes_[FUSE_ROOT_ID] = std::move(root);
+  nodes[FUSE_ROOT_ID] = std::move(root);
 }
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -448,8 +498,12 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 
 void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
   node* p = find(parent);
-  auto it = p ? p->entries.find(name) : decltype(p->entries.end()){};
-  if (!p || it == p->entries.end()) {
+  if (!p || !p->is_dir()) {
+    fuse_reply_err(req, ENOTDIR);
+    return;
+  }
+  auto it = p->entries.find(name);
+  if (it == p->entries.end()) {
     fuse_reply_err(req, ENOENT);
     return;
   }
@@ -464,8 +518,12 @@ void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
 
 void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
   node* p = find(parent);
-  auto it = p ? p->entries.find(name) : decltype(p->entries.end()){};
-  if (!p || it == p->entries.end()) {
+  if (!p || !p->is_dir()) {
+    fuse_reply_err(req, ENOTDIR);
+    return;
+  }
+  auto it = p->entries.find(name);
+  if (it == p->entries.end()) {
     fuse_reply_err(req, ENOENT);
     return;
   }
@@ -567,7 +625,7 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
     fuse_reply_err(req, ENOENT);
     return;
   }
-  std::string d = read_data(*n, size, static_cast<uint64_t>(off));
+  std::string d = read_image(n->cur, size, static_cast<uint64_t>(off));
   n->atime = now();
   fuse_reply_buf(req, d.data(), d.size());
 }
@@ -579,6 +637,8 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_
     while (!cmd.empty() && (cmd.back() == '\n' || cmd.back() == ' ')) cmd.pop_back();
     if (cmd == "drop") {
       drop_all();
+    } else if (cmd.rfind("drop-torn ", 0) == 0) {
+      drop_torn(strtoull(cmd.c_str() + 10, nullptr, 10));
     } else if (cmd == "sync") {
       sync_all();
     } else {
@@ -595,8 +655,8 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_
   }
   uint64_t at = (fi->flags & O_APPEND) ? n->cur.size : static_cast<uint64_t>(off);
   write_data(*n, buf, size, at);
-  ++stats_.writes;
-  stats_.bytes_written += size;
+  ++stats.writes;
+  stats.bytes_written += size;
   fuse_reply_write(req, size);
 }
 
@@ -608,7 +668,7 @@ void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
   if (node* n = find(ino); n && !n->is_dir()) {
     // fdatasync makes the size durable too: it is needed to read the data back.
     commit_file(*n);
-    ++(datasync ? stats_.fdatasyncs : stats_.fsyncs);
+    ++(datasync ? stats.fdatasyncs : stats.fsyncs);
   }
   fuse_reply_err(req, 0);
 }
@@ -652,7 +712,7 @@ void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
   if (node* n = find(ino); n && n->is_dir()) {
     commit_dir(*n);
-    ++stats_.fsyncdirs;
+    ++stats.fsyncdirs;
   }
   fuse_reply_err(req, 0);
 }
@@ -662,10 +722,10 @@ void op_statfs(fuse_req_t req, fuse_ino_t) {
   sv.f_bsize = sv.f_frsize = block_size;
   sv.f_blocks = 1u << 24;  // 64 GiB: the spool checks nothing, the numbers only look sane
   uint64_t used = 0;
-  for (auto& [ino, n] : nodes_) used += n->cur.blocks.size();
+  for (auto& [ino, n] : nodes) used += n->cur.blocks.size();
   sv.f_bfree = sv.f_bavail = sv.f_blocks > used ? sv.f_blocks - used : 0;
   sv.f_files = 1u << 20;
-  sv.f_ffree = sv.f_favail = sv.f_files > nodes_.size() ? sv.f_files - nodes_.size() : 0;
+  sv.f_ffree = sv.f_favail = sv.f_files > nodes.size() ? sv.f_files - nodes.size() : 0;
   sv.f_namemax = 255;
   fuse_reply_statfs(req, &sv);
 }

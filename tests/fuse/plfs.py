@@ -58,6 +58,12 @@ class Plfs:
         directory back to its last fsynced entries."""
         self.control("drop")
 
+    def drop_torn(self, seed):
+        """A power cut after a partial writeback: of each file's unsynced appends a
+        prefix of random length (from seed) survives, cut at any byte; each directory
+        keeps all or none of its unsynced entry changes. Synced data survives."""
+        self.control(f"drop-torn {seed}")
+
     def sync(self):
         """Everything durable, as if synced and every directory fsynced."""
         self.control("sync")

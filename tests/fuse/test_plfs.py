@@ -184,3 +184,36 @@ def test_sync_makes_everything_durable(plfs):
     plfs.sync()
     plfs.drop()
     assert (plfs.mnt / "x" / "y" / "f").read_bytes() == b"z" * 100
+
+
+def test_drop_torn_keeps_a_random_prefix_of_unsynced_appends(plfs):
+    d = durable_empty_dir(plfs)
+    write_file(d / "f", b"A" * 100, sync_file=True, sync_dir=True)
+    kept = set()
+    for seed in range(12):
+        fd = os.open(d / "f", os.O_RDWR)
+        size = os.fstat(fd).st_size
+        os.pwrite(fd, b"x" * 10, 0)              # an unsynced overwrite: always lost
+        os.pwrite(fd, b"B" * 9000, size)         # unsynced appends: a prefix survives
+        os.close(fd)
+        plfs.drop_torn(seed)
+        data = (d / "f").read_bytes()
+        assert data[:100] == b"A" * 100 and data[100:size] == b"B" * (size - 100)
+        assert set(data[size:]) <= {ord("B")} and len(data) <= size + 9000
+        kept.add(len(data) - size)
+        plfs.drop()  # what survived a torn drop is durable: a plain drop keeps it
+        assert (d / "f").read_bytes() == data
+    assert len(kept) > 6, kept  # cut at many different places, none of them fixed
+
+
+def test_drop_torn_keeps_or_reverts_each_directory_whole(plfs):
+    outcomes = set()
+    for seed in range(16):
+        d = durable_empty_dir(plfs, f"d{seed}")
+        for n in ("a", "b"):
+            write_file(d / n, b"x", sync_file=True)
+        plfs.drop_torn(seed)
+        names = sorted(os.listdir(d))
+        assert names in ([], ["a", "b"]), names
+        outcomes.add(len(names))
+    assert outcomes == {0, 2}
