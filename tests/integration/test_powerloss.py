@@ -28,19 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuse"))
 from plfs import plfs  # noqa: E402,F401  (fixture)
 # The file system's own rules: this test is only as good as they are, so they run here
 # too (tools/test.sh runs tests/integration only).
-from test_plfs import (  # noqa: E402,F401
-    test_a_drop_is_seen_through_the_page_cache_and_mmap,
-    test_fdatasync_makes_data_and_size_durable,
-    test_flock_is_exclusive_across_open_files,
-    test_fsynced_write_is_kept_and_later_writes_are_not,
-    test_new_directory_needs_its_parent_fsynced,
-    test_new_file_with_dir_fsync_but_no_file_fsync_is_empty,
-    test_new_file_without_dir_fsync_vanishes_even_if_the_file_was_fsynced,
-    test_sync_makes_everything_durable,
-    test_unlink_rename_and_truncate_are_undone_without_fsync,
-    test_unsynced_write_is_dropped,
-    test_what_the_spool_writer_uses,
-)
+import test_plfs  # noqa: E402
+globals().update({k: v for k, v in vars(test_plfs).items() if k.startswith("test_")})
 
 
 def seed():
@@ -90,9 +79,10 @@ def with_spool_key(t, line):
     t.config.write_text(text.replace(f'dir = "{t.spool}"\n', f'dir = "{t.spool}"\n{line}\n', 1))
 
 
-def powerloss_run(plfs, ternd_factory, fsync, rounds=2, threads=8, installed=True):
-    """Rounds of: load, kill -9, drop, restart. Returns (ternd, acked, spool messages by
-    id, FS stats)."""
+def powerloss_run(plfs, ternd_factory, fsync, rounds=3, threads=8, installed=True):
+    """Rounds of: load, kill -9, power cut, restart. The first cut drops everything not
+    synced; later ones keep a random prefix of the unsynced appends (torn records for
+    recovery to cut). Returns (ternd, acked, spool messages by id, FS stats)."""
     rng = random.Random(seed())
     spool = plfs.mnt / "spool"
     if installed:
@@ -119,10 +109,18 @@ def powerloss_run(plfs, ternd_factory, fsync, rounds=2, threads=8, installed=Tru
             th.start()
         time.sleep(rng.uniform(0.8, 1.6))
         t.kill9()      # returns once the process is reaped: no write of it is still in flight
-        plfs.drop()    # the power cut: what was not fsynced is gone
+        if r == 0:
+            plfs.drop()  # the power cut: what was not fsynced is gone
+        else:
+            plfs.drop_torn(rng.randrange(2**63))  # and some unsynced appends, torn
+        after_cut = plfs.stats()
         stop.set()
         for th in senders:
             th.join()
+        # Reaped means done: a write or fsync of the dead ternd that landed after the cut
+        # would make this test prove less than it claims.
+        late = {k: plfs.stats()[k] - after_cut[k] for k in ("writes", "fsyncs", "fdatasyncs", "fsyncdirs")}
+        assert not any(late.values()), f"file system calls after ternd was reaped: {late}"
     stats = plfs.stats()
     t.start()  # recovery on what survived
     msgs = json.loads(subprocess.check_output([TERN_SPOOL, "--json", "list", "--all", "--content", t.spool]))
@@ -145,10 +143,10 @@ def lost_messages(acked, by_id):
 def test_powerloss_never_loses_an_acknowledged_message(plfs, ternd_factory):
     t, acked, by_id, stats = powerloss_run(plfs, ternd_factory, fsync=True)
     lost, wrong = lost_messages(acked, by_id)
-    print(f"fsync=true: {len(acked)} acknowledged, {len(by_id)} in the spool after 2 power cuts, "
+    print(f"fsync=true: {len(acked)} acknowledged, {len(by_id)} in the spool after 3 power cuts, "
           f"{len(lost)} lost; file system: {stats}")
     assert len(acked) > 100, f"the load hardly ran: {len(acked)} messages acknowledged"
-    assert stats["drops"] == 2 and stats["fdatasyncs"] > 0, stats
+    assert stats["drops"] == 3 and stats["fdatasyncs"] > 0, stats
     assert not lost, f"{len(lost)} acknowledged message(s) lost in a power cut, e.g. {lost[:3]}"
     assert not wrong, f"{len(wrong)} acknowledged message(s) changed, e.g. {wrong[:3]}"
     # Unacknowledged messages may survive (fsynced, killed before the reply), but whole.
@@ -169,7 +167,7 @@ def test_powerloss_without_fsync_loses_acknowledged_messages(plfs, ternd_factory
     # something; if the drop kept unsynced data, this test would fail.
     t, acked, by_id, stats = powerloss_run(plfs, ternd_factory, fsync=False)
     lost, wrong = lost_messages(acked, by_id)
-    print(f"fsync=false: {len(acked)} acknowledged, {len(by_id)} in the spool after 2 power cuts, "
+    print(f"fsync=false: {len(acked)} acknowledged, {len(by_id)} in the spool after 3 power cuts, "
           f"{len(lost)} lost; file system: {stats}")
     assert len(acked) > 100, f"the load hardly ran: {len(acked)} messages acknowledged"
     assert stats["dropped_bytes"] > 0, stats
