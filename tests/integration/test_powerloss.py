@@ -93,6 +93,9 @@ def powerloss_run(plfs, ternd_factory, fsync, rounds=3, threads=8, installed=Tru
             d.mkdir()
         plfs.sync()
     t = ternd_factory(shards=2, spool=spool, limits={"connections": 64})
+    # The smallest segments: each shard starts dozens under load, and a new segment is
+    # durable only with its directory fsynced, which the cuts then check.
+    with_spool_key(t, "segment_size = 1048576")
     if not fsync:
         with_spool_key(t, "fsync = false")
         chk = subprocess.run([TERND, "--check-config", str(t.config)], capture_output=True, text=True)
