@@ -5,6 +5,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import subprocess
 
 import pytest
 
@@ -173,7 +174,10 @@ def test_flock_is_exclusive_across_open_files(plfs):
     fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with pytest.raises(BlockingIOError):
         fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # And from another process, as a second ternd on the same spool would try.
+    assert subprocess.run(["flock", "-n", str(p), "true"]).returncode == 1
     a.close()
+    assert subprocess.run(["flock", "-n", str(p), "true"]).returncode == 0
     fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
     b.close()
 
