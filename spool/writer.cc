@@ -60,6 +60,9 @@ bool writer::open(const options& o, std::string& err) {
   epoch_ms_ = std::max(now_ms, o.epoch_floor_ms + 1);
   segment_id_ = std::max(now_ms, o.segment_floor_id);
   if (!open_segment(err)) return false;
+  if (!o.fsync)
+    log::warn("spool: shard {}: [spool] fsync = false: mail is acknowledged before it is on disk "
+              "and is lost on power loss", o.shard);
   return true;
 }
 
@@ -132,17 +135,24 @@ bool writer::flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out) {
     batch_bytes_ += it.n;
   }
   // The linked pair must sit in the same submission: make room for both first.
-  if (io_uring_sq_space_left(ring) < 2) io_uring_submit(ring);
+  unsigned need = opt_.fsync ? 2 : 1;
+  if (io_uring_sq_space_left(ring) < need) io_uring_submit(ring);
   io_uring_sqe* w = io_uring_get_sqe(ring);
-  io_uring_sqe* f = io_uring_get_sqe(ring);
-  assert(w && f);
+  assert(w);
   io_uring_prep_writev(w, fd_, iov_.data(), static_cast<unsigned>(iov_.size()), offset_);
-  w->flags |= IOSQE_IO_LINK;
   io_uring_sqe_set_data64(w, ud_write);
-  io_uring_prep_fsync(f, fd_, IORING_FSYNC_DATASYNC);
-  io_uring_sqe_set_data64(f, ud_fsync);
-  in_flight_ = true;
   write_seen_ = fsync_seen_ = false;
+  if (opt_.fsync) {
+    io_uring_sqe* f = io_uring_get_sqe(ring);
+    assert(f);
+    w->flags |= IOSQE_IO_LINK;
+    io_uring_prep_fsync(f, fd_, IORING_FSYNC_DATASYNC);
+    io_uring_sqe_set_data64(f, ud_fsync);
+  } else {
+    fsync_seen_ = true;  // [spool] fsync = false: the write completion is the commit
+    fsync_res_ = 0;
+  }
+  in_flight_ = true;
   return true;
 }
 

@@ -30,6 +30,10 @@ class writer {
     uint64_t segment_size = 64ull << 20;
     uint64_t epoch_floor_ms = 0;     // queue-id epochs start above this (recovery's max)
     uint64_t segment_floor_id = 0;   // segment ids start above this
+    // false ([spool] fsync = false): a batch is one writev without the linked fdatasync
+    // and its tokens succeed when the write completes. Dangerous: acknowledged mail is lost
+    // on power loss. Segment headers and directory entries are still synced.
+    bool fsync = true;
   };
   struct result {
     uint64_t token;

@@ -55,6 +55,9 @@ struct config {
   struct {
     std::string dir = "var/spool";
     uint64_t segment_size = 64ull << 20;
+    // false: the 250 is sent after the write without fdatasync. Dangerous: acknowledged
+    // mail is lost on power loss or kernel crash (battery-backed or throw-away setups).
+    bool fsync = true;
   } spool;
   std::vector<listener> listen;
   struct {

@@ -76,6 +76,18 @@ TEST(Config, ErrorsNameFileLineAndKey) {
   EXPECT_EQ(syn.rfind("t.toml:1: (syntax): ", 0), 0u) << syn;
 }
 
+TEST(Config, SpoolFsync) {
+  std::string err;
+  auto c = load_string("[[listen]]\naddress = \"127.0.0.1:25\"\n", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_TRUE(c->spool.fsync);  // the default is durable
+  c = load_string("[spool]\nfsync = false\n[[listen]]\naddress = \"127.0.0.1:25\"\n", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_FALSE(c->spool.fsync);
+  EXPECT_EQ(error_of("[spool]\nfsync = \"no\"\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
+            "t.toml:2: spool.fsync: expected true or false");
+}
+
 TEST(Config, MissingFile) {
   std::string err;
   EXPECT_FALSE(load_file("/nonexistent/tern.toml", err));

@@ -54,12 +54,13 @@ struct writer_fixture {
   tmpdir t;
   writer w;
   ring_fixture r;
-  explicit writer_fixture(uint64_t segment_size = 64ull << 20) {
+  explicit writer_fixture(uint64_t segment_size = 64ull << 20, bool fsync = true) {
     std::string err;
     EXPECT_TRUE(ensure_spool_dirs(t.path, err)) << err;
     writer::options o;
     o.dir = t.path;
     o.segment_size = segment_size;
+    o.fsync = fsync;
     EXPECT_TRUE(w.open(o, err)) << err;
   }
   std::vector<queued_message> recovered(recovery_report& rep) {
@@ -178,4 +179,23 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
   auto q = f.recovered(rep);
   EXPECT_TRUE(q.empty());
   EXPECT_EQ(rep.torn_bytes, 0u);
+}
+
+// [spool] fsync = false: one writev per batch and no fdatasync; the tokens succeed on the
+// write completion and the records are readable.
+TEST(Writer, FsyncOffWritesWithoutFdatasync) {
+  writer_fixture f(64ull << 20, false);
+  auto& w = f.w;
+  auto& r = f.r;
+  std::string a = make_msg(w), b = make_msg(w);
+  std::vector<writer::result> out;
+  w.append(a.data(), a.size(), 1);
+  w.append(b.data(), b.size(), 2);
+  ASSERT_TRUE(w.flush(&r.ring, 1, 2, out));
+  EXPECT_EQ(io_uring_sq_ready(&r.ring), 1u);  // the writev only
+  r.complete(w, out);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_TRUE(out[0].ok && out[1].ok);
+  recovery_report rep;
+  EXPECT_EQ(f.recovered(rep).size(), 2u);
 }
