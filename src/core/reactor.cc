@@ -264,6 +264,10 @@ void reactor::reap() {
 }
 
 void reactor::run_once(loop_hooks& hooks, uint64_t max_wait_ms) {
+  // The iteration's clock, read once after the wait: completions, run and timers all see
+  // the time at which the loop woke (input stamped with a pre-wait clock would make idle
+  // timeouts fire early by as long as the wait lasted).
+  refresh_now();
   // 1. inbox
   hooks.on_inbox();
   // 2. reap
@@ -271,7 +275,6 @@ void reactor::run_once(loop_hooks& hooks, uint64_t max_wait_ms) {
   // 3. run
   hooks.run_ready();
   // 4. timers
-  refresh_now();
   wheel_->advance(now_ms_, [this](timer& t) noexcept {
     if (completion_handler* h = handlers_[uint8_t(ud::kind(t.data)) & 0xF]) h->on_timer(t);
   });

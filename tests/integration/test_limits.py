@@ -187,12 +187,14 @@ def wait_slot_free(port, until):
         probe.close()
 
 
-FLOODS = {"noop": b"NOOP\r\n", "ehlo": b"EHLO x\r\n"}
+# HELO has a small reply, EHLO one 25 times its size. (A NOOP flood meets the junk command
+# limit long before the kernel's socket buffers fill: test_smtp_policy.py covers that.)
+FLOODS = {"helo": b"HELO x\r\n", "ehlo": b"EHLO x\r\n"}
 
 
 @pytest.mark.parametrize("verb", sorted(FLOODS))
 def test_pipelining_client_that_never_reads_keeps_memory_bounded(ternd_factory, verb):
-    """A client pipelines NOOP (or EHLO, whose reply is 25 times its size) as fast as it
+    """A client pipelines HELO (or EHLO, whose reply is 25 times its size) as fast as it
     can and never reads. Once the unsent output reaches output_buffer the session is fed
     no more input, once input_buffer is full ternd stops reading: the client's sends
     block, and ternd's memory stays flat for the 5 s of the attack. send_timeout is long
@@ -459,7 +461,7 @@ def test_sigterm_with_a_stuck_send_exits_within_shutdown_timeout(ternd_factory):
                               "shutdown_timeout": 2}).start()
     s = open_non_reader(t.port)
     try:
-        _, stalled, _ = flood(s, b"NOOP\r\n", seconds=10, stall=0.5)
+        _, stalled, _ = flood(s, b"EHLO x\r\n", seconds=10, stall=0.5)
         assert stalled, "the client's sends never blocked: ternd kept reading"
         t0 = time.monotonic()
         rc = t.stop()
@@ -497,7 +499,9 @@ def test_startup_values_the_kernel_refuses_fail_cleanly(ternd_factory, case):
     - recv_buffers = 32768 x recv_buffer_size = 1 MiB: 32 GiB of receive buffers.
     Either ternd --check-config refuses them with "FILE:LINE: key: problem", or ternd exits
     non-zero (not by a signal) with exactly one error line that names the key, and no
-    crash or sanitizer report."""
+    crash or sanitizer report. For connections there is a third right answer: ternd clamps
+    the completion queue at the kernel's maximum (FEAT_NODROP keeps an overflow), so where
+    the file-descriptor limit allows 16385 slots it starts and serves."""
     if case == "connections":
         t = ternd_factory(limits={"connections": 16385})
         key = "connections"
@@ -522,6 +526,8 @@ def test_startup_values_the_kernel_refuses_fail_cleanly(ternd_factory, case):
     except subprocess.TimeoutExpired:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=20)
+        if case == "connections" and " started in " in out and p.returncode == 0:
+            return  # the ring took it (see above) and the daemon stopped cleanly
         raise AssertionError(f"ternd started with {case} the kernel should refuse:\n{out[-2000:]}")
     assert p.returncode >= 0, f"ternd killed by signal {-p.returncode}:\n{out[-3000:]}"
     assert p.returncode != 0, f"ternd exited 0:\n{out[-2000:]}"
