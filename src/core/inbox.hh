@@ -13,12 +13,14 @@
 // (producers claim a cell with a CAS on the tail, publish with a release store of the
 // cell's sequence); the single consumer needs no CAS.
 //
-// Wake-up protocol (no lost wake-up, at most one eventfd write per drain):
+// Wake-up protocol (no lost wake-up; one eventfd write per drain cycle, however many
+// posts, plus one from a drain that stops early):
 //   producer: publish the item; then if notified_.exchange(true) was false, write 1 to
 //             the eventfd.
-//   owner:    when the eventfd becomes readable, first READ it (resetting its counter:
-//             the io_uring READ completion has done that), then drain(), which starts
-//             with notified_.exchange(false) and then takes items until the ring is empty.
+//   owner:    keeps one 8-byte READ of fd() in its ring, into a buffer it owns. When it
+//             completes (the read has reset the eventfd's counter), call drain(), which
+//             starts with notified_.exchange(false) and then takes items until the ring
+//             is empty (or max); then queue the next READ.
 // Every access to notified_ is an acq_rel exchange, so the owner's exchange reads the last
 // value in a release sequence that contains every producer's exchange before it: an item
 // published before a producer found the flag set is visible to the drain that clears it.
@@ -71,7 +73,10 @@ class inbox {
   static constexpr size_t capacity() noexcept { return Capacity; }
 
   // Any thread. Queue v and wake the owner; false (v untouched) when the ring is full.
-  // Lock-free; no allocation; at most one syscall (none while a wake-up is pending).
+  // No lock, no allocation, at most one syscall (none while a wake-up is pending). Not
+  // lock-free in the strict sense: a producer preempted between claiming its cell and
+  // publishing it holds up the items posted after it (never the posts themselves) until
+  // it runs again; its own notify then wakes the owner for all of them.
   bool try_post(T&& v) noexcept { return try_emplace(std::move(v)); }
   bool try_post(const T& v) noexcept { return try_emplace(v); }
   // Construct the item in place; only nothrow constructions (checked at compile time).

@@ -78,10 +78,18 @@ def settled_baseline(t):
 
 
 def open_non_reader(port, rcvbuf=4096):
-    """A client with a tiny receive buffer that will never read what ternd sends."""
+    """A client with a tiny receive buffer that, after the greeting (which shows it holds
+    a session slot), will never read what ternd sends."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(5)
     s.connect(("127.0.0.1", port))
+    greeting = b""
+    while not greeting.endswith(b"\r\n"):
+        c = s.recv(1)
+        assert c, f"closed before the greeting: {greeting!r}"
+        greeting += c
+    assert greeting.startswith(b"220 "), greeting
     s.setblocking(False)
     return s
 

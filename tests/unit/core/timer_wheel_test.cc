@@ -3,10 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
+#include <new>
 #include <random>
 #include <set>
 #include <utility>
@@ -14,6 +17,31 @@
 
 using tern::core::timer;
 using tern::core::timer_wheel;
+
+// Count heap allocations, to show that arming, moving, cancelling and firing never allocate.
+namespace {
+std::atomic<long> allocations{0};
+}
+void* operator new(size_t n) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](size_t n) { return operator new(n); }
+void* operator new(size_t n, const std::nothrow_t&) noexcept {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  return std::malloc(n ? n : 1);
+}
+void* operator new[](size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+// Our operator new is malloc, so free is the match; GCC 12 cannot see that once these
+// are inlined into callers and warns (-Wmismatched-new-delete).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t) noexcept { std::free(p); }
+#pragma GCC diagnostic pop
 
 namespace {
 
@@ -427,6 +455,28 @@ TEST(TimerWheel, ManyTimersSortedOrder) {
   std::set<uint64_t> ids;
   for (auto& g : got) ids.insert(g.second);
   EXPECT_EQ(ids.size(), n);
+}
+
+TEST(TimerWheel, NoAllocationPerTimer) {
+  const size_t n = 10000;
+  auto w = std::make_unique<timer_wheel>(0);
+  auto ts = std::make_unique<timer[]>(n);
+  std::mt19937_64 rng(5);
+  std::vector<uint64_t> ds(n);
+  for (auto& d : ds) d = 1 + rng() % (uint64_t(1) << 34);  // all levels and the overflow
+  size_t fired = 0;
+  long before = allocations.load();
+  for (size_t i = 0; i < n; ++i) w->arm(ts[i], ds[i]);
+  for (size_t i = 0; i < n; i += 2) w->arm(ts[i], ds[i] / 2);  // move
+  for (size_t i = 0; i < n; i += 3) w->cancel(ts[i]);
+  for (uint64_t now = 0; !w->empty(); now = now * 2 + 1000) {
+    fired += w->advance(now, [&](timer& t) {
+      if (t.data++ == 0) w->arm(t, w->now() + 10);  // re-arm from the callback, once
+    });
+  }
+  long during = allocations.load() - before;
+  EXPECT_EQ(during, 0);
+  EXPECT_GT(fired, n / 2);
 }
 
 TEST(TimerWheel, MoveOnlyWhileNotArmed) {
