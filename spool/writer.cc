@@ -47,6 +47,7 @@ bool pwrite_all(int fd, const char* p, size_t n, uint64_t off) {
 }
 
 constexpr size_t max_iov = 1024;  // IOV_MAX
+constexpr size_t iov_per_record = 3;  // header, the segment's nonce, payload
 
 }  // namespace
 
@@ -79,8 +80,9 @@ bool writer::open_segment(std::string& err) {
   }
   // Reserve the blocks so appends do not allocate; best effort (tmpfs may be small).
   (void)::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(opt_.segment_size));
+  uint64_t nonce = new_nonce();
   std::string hdr;
-  encode_segment_header(hdr, opt_.shard, segment_id_, wall_us());
+  encode_segment_header(hdr, opt_.shard, segment_id_, wall_us(), nonce);
   if (!pwrite_all(fd, hdr.data(), hdr.size(), 0) || ::fdatasync(fd) != 0 || !fsync_dir(sd)) {
     err = path + ": " + strerror(errno);
     ::close(fd);
@@ -91,6 +93,7 @@ bool writer::open_segment(std::string& err) {
   fd_ = fd;
   path_ = path;
   offset_ = hdr.size();
+  for (int i = 0; i < 8; ++i) nonce_bytes_[i] = static_cast<char>(nonce >> (8 * i));
   return true;
 }
 
@@ -124,13 +127,18 @@ bool writer::flush(io_uring* ring, uint64_t ud_write, uint64_t ud_fsync, std::ve
       return false;
     }
   }
-  size_t n = std::min(pending_.size(), max_iov);
+  size_t n = std::min(pending_.size(), max_iov / iov_per_record);
   batch_.assign(pending_.begin(), pending_.begin() + static_cast<ptrdiff_t>(n));
   pending_.erase(pending_.begin(), pending_.begin() + static_cast<ptrdiff_t>(n));
   iov_.clear();
   batch_bytes_ = 0;
+  // Each record goes out as its first 12 bytes, the segment nonce (from our memory: the
+  // session's record carries zeros there and is not written to), and the payload.
   for (auto& it : batch_) {
-    iov_.push_back({const_cast<char*>(it.p), it.n});
+    assert(it.n >= record_header_size);
+    iov_.push_back({const_cast<char*>(it.p), record_nonce_offset});
+    iov_.push_back({nonce_bytes_, 8});
+    iov_.push_back({const_cast<char*>(it.p) + record_header_size, it.n - record_header_size});
     batch_bytes_ += it.n;
   }
   // The linked pair must sit in the same submission: make room for both first.
@@ -216,6 +224,7 @@ void writer::tick() {
   size_t s = begin_record(pad, record_type::pad);
   pad.append(4096, '\0');
   finish_record(pad, s);
+  memcpy(pad.data() + s + record_nonce_offset, nonce_bytes_, 8);
   bool ok = ::ftruncate(fd_, static_cast<off_t>(offset_)) == 0 &&
             pwrite_all(fd_, pad.data(), pad.size(), offset_) && ::fdatasync(fd_) == 0 &&
             ::ftruncate(fd_, static_cast<off_t>(offset_)) == 0 && ::fdatasync(fd_) == 0;

@@ -91,6 +91,7 @@ class writer {
   std::string path_;
   uint64_t offset_ = 0;
   uint64_t segment_id_ = 0;
+  char nonce_bytes_[8] = {};  // the current segment's nonce, little-endian (an iovec source)
   uint64_t epoch_ms_ = 0;
   uint32_t seq_ = 0;
   bool healthy_ = true;

@@ -106,7 +106,7 @@ TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
   ASSERT_EQ(out.size(), 1u);
   EXPECT_FALSE(out[0].ok);
   EXPECT_FALSE(w.healthy());
-  EXPECT_EQ(std::filesystem::file_size(w.segment_path()), 12u + 28u);  // header record only
+  EXPECT_EQ(std::filesystem::file_size(w.segment_path()), segment_header_record_size);  // header record only
   // While unhealthy, appends fail without I/O.
   out.clear();
   w.append(b.data(), b.size(), 2);
