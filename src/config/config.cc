@@ -8,6 +8,8 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "spool/record.hh"
+
 namespace tern::config {
 
 const char* const embedded_default = R"(# tern embedded default configuration
@@ -208,6 +210,20 @@ config parse(const ctx& c, const toml::table& root) {
     L.session_timeout = get_int<uint32_t>(c, *l, "session_timeout", "limits.session_timeout",
                                           L.session_timeout, 1, 86400 * 7);
     L.connections = get_int<uint32_t>(c, *l, "connections", "limits.connections", L.connections, 1, 1 << 20);
+    // Every message that can get a 250 must be readable by recovery: its whole record
+    // (envelope, recipients, Received: header, content) within the reader's bound.
+    if (!spool::record_fits(L.message_size, L.recipients, L.line_length)) {
+      auto* n = l->get("message_size");
+      if (!n) n = l->get("recipients");
+      if (!n) n = l->get("line_length");
+      c.fail(n ? n->source() : l->source(), "limits.message_size",
+             "a message of " + std::to_string(L.message_size) + " bytes with " + std::to_string(L.recipients) +
+                 " recipients and " + std::to_string(L.line_length) + "-byte lines makes a spool record of up to " +
+                 std::to_string(spool::max_record_for(L.message_size, L.recipients, L.line_length)) +
+                 " bytes, above the spool's bound of " + std::to_string(spool::max_record_len) +
+                 "; the largest message_size for these limits is " +
+                 std::to_string(spool::max_message_size_for(L.recipients, L.line_length)));
+    }
   }
 
   if (auto* t = get_table(c, root, "tls")) {
