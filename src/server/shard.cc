@@ -19,6 +19,8 @@
 namespace tern::server {
 namespace {
 constexpr size_t pause_input = 256 * 1024;  // stop reading while a commit waits and this much is queued
+// The spool writer tags its SQEs with this base | its op (0..15): kind 15 in bits 4..7.
+constexpr uint64_t spool_ud_base = 0xF0;
 }
 
 shard::shard(shard_setup s) : setup_(std::move(s)), cfg_(*setup_.cfg) {
@@ -217,7 +219,7 @@ void shard::run() {
 
     // Group commit: everything that finished in this iteration goes out as one linked
     // writev + fdatasync, submitted with the next io_uring_enter at the top of the loop.
-    writer_.flush(&ring_, ud(op::spool_write, 0, 0), ud(op::spool_fsync, 0, 0), results_);
+    writer_.flush(&ring_, spool_ud_base, results_);
     if (!results_.empty()) spool_results();
 
     if (ctr_.spool_healthy.load(std::memory_order_relaxed) != writer_.healthy())
@@ -229,6 +231,7 @@ void shard::run() {
     log::flush();
     if (stopping_ && ((free_.size() == nslots_ && writer_.idle()) || now_ms() >= stop_deadline_ms_)) break;
   }
+  writer_.close();  // trims the segment's preallocated space
   log::info("shard {}: stopped: connections={} messages={} spool_batches={} ({:.1f} messages per fdatasync) "
             "spool_failures={} refused_full={} refused_untrusted={} proxy_errors={} enobufs={} input_paused={}",
             setup_.index, ctr_.connections.load(), ctr_.messages.load(), writer_.batches(),
@@ -240,6 +243,7 @@ void shard::run() {
 
 void shard::on_cqe(const io_uring_cqe* cqe) {
   uint64_t d = cqe->user_data;
+  if ((d & 0xF0) == spool_ud_base) return writer_.on_cqe(static_cast<unsigned>(d & 0xF), cqe->res, results_);
   auto o = static_cast<op>(d & 0xFF);
   uint32_t gen = static_cast<uint32_t>((d >> 8) & 0xFFFFFF);
   uint32_t idx = static_cast<uint32_t>(d >> 32);
@@ -271,12 +275,6 @@ void shard::on_cqe(const io_uring_cqe* cqe) {
       return;
     case op::accept:
       on_accept(idx, cqe);
-      return;
-    case op::spool_write:
-      writer_.on_write(cqe->res, results_);
-      return;
-    case op::spool_fsync:
-      writer_.on_fsync(cqe->res, results_);
       return;
     default:
       break;
@@ -589,7 +587,7 @@ void shard::spool_results() {
 }
 
 void shard::tick() {
-  writer_.tick();
+  writer_.tick(&ring_, spool_ud_base);
   // Accepting paused for lack of file descriptors (EMFILE) with free slots: try again.
   if (accept_paused_ && !stopping_ && !free_.empty()) accept_paused_ = false;
   uint64_t now = now_ms();

@@ -169,3 +169,13 @@ def test_json_flag_after_subcommand_and_utf8(ternd):
     chk = subprocess.run([TERN_SPOOL, "check", "--json", ternd.spool], capture_output=True, text=True)
     assert chk.returncode == 0
     assert json.loads(chk.stdout)["problems"] == []
+
+
+def test_stop_trims_the_segment_preallocation(ternd):
+    """The segment is preallocated (fallocate KEEP_SIZE, 64 MiB): at stop ternd cuts it to
+    its real end, or the blocks would leak unseen by ls."""
+    ids = send(ternd, 3)
+    seg = located(ternd, ids)[0][0]
+    assert ternd.stop() == 0
+    st = os.stat(seg)
+    assert st.st_blocks * 512 <= (st.st_size + 4095) // 4096 * 4096 + 4096, (st.st_blocks, st.st_size)
