@@ -130,12 +130,14 @@ config parse(const ctx& c, const toml::table& root) {
     c.fail(root.get("log_level")->source(), "log_level", "expected debug, info, warning or error");
 
   if (auto* s = get_table(c, root, "spool")) {
-    check_keys(c, *s, "spool.", {"dir", "segment_size", "fsync"});
+    check_keys(c, *s, "spool.", {"dir", "segment_size", "fsync", "max_batch_bytes"});
     cfg.spool.dir = get_str(c, *s, "dir", "spool.dir", cfg.spool.dir);
     if (cfg.spool.dir.empty()) c.fail(s->get("dir")->source(), "spool.dir", "must not be empty");
     cfg.spool.segment_size = get_int<uint64_t>(c, *s, "segment_size", "spool.segment_size",
                                                cfg.spool.segment_size, 1 << 20, int64_t(1) << 32);
     cfg.spool.fsync = get_bool(c, *s, "fsync", "spool.fsync", cfg.spool.fsync);
+    cfg.spool.max_batch_bytes = get_int<uint64_t>(c, *s, "max_batch_bytes", "spool.max_batch_bytes",
+                                                  cfg.spool.max_batch_bytes, 1 << 20, int64_t(1) << 30);
   }
 
   auto* ln = root.get("listen");

@@ -88,6 +88,9 @@ TEST(Config, SpoolFsync) {
   EXPECT_FALSE(c->spool.fsync);
   EXPECT_EQ(error_of("[spool]\nfsync = \"no\"\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
             "t.toml:2: spool.fsync: expected true or false");
+  EXPECT_EQ(c->spool.max_batch_bytes, 64u << 20);
+  EXPECT_EQ(error_of("[spool]\nmax_batch_bytes = 1000\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
+            "t.toml:2: spool.max_batch_bytes: must be between 1048576 and 1073741824");
 }
 
 // The largest message that can get a 250 must fit the spool reader's record bound: the
