@@ -384,18 +384,16 @@ void writer::tick(io_uring* ring, uint64_t ud_base) {
   if (spare_.state == spare_state::failed && aux_inflight_ == 0) spare_.state = spare_state::none;
   maybe_prepare_spare();
   if (healthy_ || in_flight_ || probing_) return;
-  // Probe: cut the tail back, write a pad record and make it durable, then remove it.
   probe_buf_.clear();
   size_t s = begin_record(probe_buf_, record_type::pad);
   probe_buf_.append(4096, '\0');
   finish_record(probe_buf_, s);
   memcpy(probe_buf_.data() + s + record_nonce_offset, nonce_bytes_, 8);
-  // Hard links throughout: the cut back and its sync run even when the write failed.
-  io_uring_sqe* a = sqe(5);
-  prep_ftruncate(a, fd_, offset_);
-  a->flags |= IOSQE_IO_HARDLINK;
-  tag(a, op_probe);
-  io_uring_sqe* w = io_uring_get_sqe(ring_);
+  // Write a pad record at the last durable offset (over whatever a failed batch left),
+  // fdatasync, cut back to that offset (which also drops anything beyond the pad),
+  // fdatasync. Hard links throughout: the cut back and its sync run even when the write
+  // failed. Four SQEs: the smallest ring a writer needs (the spare's chain is four too).
+  io_uring_sqe* w = sqe(4);
   io_uring_prep_write(w, fd_, probe_buf_.data(), static_cast<unsigned>(probe_buf_.size()), offset_);
   w->flags |= IOSQE_IO_HARDLINK;
   tag(w, op_probe_write);
@@ -410,8 +408,8 @@ void writer::tick(io_uring* ring, uint64_t ud_base) {
   io_uring_sqe* g = io_uring_get_sqe(ring_);
   io_uring_prep_fsync(g, fd_, IORING_FSYNC_DATASYNC);
   tag(g, op_probe);
-  aux_inflight_ += 5;
-  probe_left_ = 5;
+  aux_inflight_ += 4;
+  probe_left_ = 4;
   probe_ok_ = true;
   probing_ = true;
 }

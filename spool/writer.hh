@@ -28,6 +28,9 @@
 // The writer remembers the ring and base from flush/tick to queue follow-up SQEs from
 // on_cqe (e.g. the next step of a spare segment's preparation).
 //
+// The ring's SQ must have at least 4 entries (the longest chain: the spare's preparation
+// and the health probe).
+//
 // Not thread-safe: owned by one shard. Does not trust the disk: checks every result.
 #include <liburing.h>
 #include <sys/uio.h>
@@ -66,7 +69,7 @@ class writer {
     op_spare_header = 4,  // spare segment: the header WRITE (its length is checked)
     op_retire = 5,        // old segment: FTRUNCATE to its end, CLOSE; failed spare: CLOSE, UNLINKAT
     op_cut = 6,           // FTRUNCATE back to the last durable offset after a failed batch
-    op_probe = 7,         // health probe: FTRUNCATE, FDATASYNC
+    op_probe = 7,         // health probe: FDATASYNC, FTRUNCATE, FDATASYNC
     op_probe_write = 8,   // health probe: the pad WRITE
   };
 
@@ -104,8 +107,8 @@ class writer {
   // `out` (after the fdatasync completion; after the write with fsync = false).
   void on_cqe(unsigned op, int res, std::vector<result>& out);
 
-  // Once a second: while unhealthy, probe the disk through the ring (truncate, write a pad
-  // record, fdatasync, truncate, fdatasync); retry a failed spare preparation.
+  // Once a second: while unhealthy, probe the disk through the ring (write a pad record,
+  // fdatasync, truncate back, fdatasync); retry a failed spare preparation.
   void tick(io_uring* ring, uint64_t ud_base);
 
   // At stop, after idle(): trim the current segment to its end (ftruncate: frees the

@@ -99,8 +99,11 @@ TEST(Writer, GroupCommitThenRecoverable) {
   EXPECT_EQ(q.size(), 10u);
 }
 
-TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
-  writer_fixture f;
+class WriterRing : public ::testing::TestWithParam<unsigned> {};
+
+// With a normal ring and with the smallest one (4 entries: the probe's chain must fit).
+TEST_P(WriterRing, FailureCutsBackAndRefusesUntilHealthy) {
+  writer_fixture f(64ull << 20, true, {}, GetParam());
   auto& w = f.w;
   auto& r = f.r;
   std::string a = make_msg(w), b = make_msg(w);
@@ -134,6 +137,8 @@ TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
   ASSERT_EQ(q.size(), 1u);  // only the message that got its ok
   EXPECT_EQ(rep.torn_bytes, 0u);
 }
+
+INSTANTIATE_TEST_SUITE_P(Writer, WriterRing, ::testing::Values(64u, 4u));
 
 TEST(Writer, RotatesSegments) {
   writer_fixture f(1 << 20);
