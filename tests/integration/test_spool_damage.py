@@ -179,3 +179,17 @@ def test_stop_trims_the_segment_preallocation(ternd):
     assert ternd.stop() == 0
     st = os.stat(seg)
     assert st.st_blocks * 512 <= (st.st_size + 4095) // 4096 * 4096 + 4096, (st.st_blocks, st.st_size)
+
+
+def test_check_config_refuses_a_message_size_the_spool_cannot_read(tmp_path):
+    """A 1 GiB message_size plus envelope and Received: header exceeds the spool reader's
+    1 GiB record bound: --check-config refuses it with FILE:LINE: key: problem."""
+    from conftest import TERND
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[[listen]]\naddress = "127.0.0.1:2525"\n[limits]\nmessage_size = 1073741824\n')
+    r = subprocess.run([TERND, "--check-config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"{cfg}:4: limits.message_size: a message of 1073741824 bytes"), r.stderr
+    cfg.write_text('[[listen]]\naddress = "127.0.0.1:2525"\n[limits]\nmessage_size = 1000000000\n')
+    r = subprocess.run([TERND, "--check-config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
