@@ -130,13 +130,21 @@ bool scan_bytes(std::span<const unsigned char> d, segment_scan& out, const recor
   record_fault f = record_fault::none;
   if (d.size() >= record_header_size) {
     uint64_t n0 = record_nonce(d.data());
-    if (n0 && read_record(d, 0, n0, rv, &f, &out.crc_bytes) == read_status::ok) {
+    uint64_t n1 = d.size() >= segment_header_record_size + record_header_size
+                      ? record_nonce(d.data() + segment_header_record_size)
+                      : 0;
+    record_view r1;
+    // The header validates with its own nonce even when that field took a bit flip (the
+    // CRC does not cover it): then the next record, valid with its own nonce but not with
+    // the header's, tells. The header goes to quarantine; the rest of the segment is read.
+    bool header_nonce_damaged = n1 && n1 != n0 &&
+                                read_record(d, segment_header_record_size, n0, r1) != read_status::ok &&
+                                read_record(d, segment_header_record_size, n1, r1) == read_status::ok;
+    if (n0 && !header_nonce_damaged && read_record(d, 0, n0, rv, &f, &out.crc_bytes) == read_status::ok) {
       out.nonce = n0;
       out.nonce_known = true;
     } else {
-      uint64_t cands[2] = {n0, d.size() >= segment_header_record_size + record_header_size
-                                   ? record_nonce(d.data() + segment_header_record_size)
-                                   : 0};
+      uint64_t cands[2] = {header_nonce_damaged ? 0 : n0, n1};
       for (uint64_t c : cands) {
         if (!c || out.nonce_known) continue;
         size_t next = resync(d, 1, c, out);
@@ -147,7 +155,7 @@ bool scan_bytes(std::span<const unsigned char> d, segment_scan& out, const recor
           g.kind = damage_kind::corrupt;
           g.begin = 0;
           g.end = next;
-          g.why = "damaged segment header";
+          g.why = header_nonce_damaged ? "damaged nonce in the segment header" : "damaged segment header";
           g.crc = crc_of(d, 0, next);
           out.damaged.push_back(g);
           off = next;

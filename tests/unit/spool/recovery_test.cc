@@ -204,6 +204,19 @@ TEST(Recovery, DamagedSegmentHeaderFindsTheNonceAgain) {
   EXPECT_EQ(recover(f.t.path).rep.new_damage, 0u);
 }
 
+// Regression: a bit flip in the segment header's nonce field (not covered by the CRC) made
+// every later record look foreign, so the whole segment went to quarantine.
+TEST(Recovery, DamagedNonceInSegmentHeaderKeepsTheMessages) {
+  spool_fixture f;
+  std::string all = header() + msg(id(1)) + msg(id(2));
+  all[record_nonce_offset + 3] ^= 0x10;
+  f.write(all);
+  auto r = recover(f.t.path);
+  EXPECT_EQ(ids_of(r.q), (std::vector<std::string>{id(1), id(2)}));
+  EXPECT_EQ(r.rep.new_damage, 1u);
+  EXPECT_EQ(recover(f.t.path).rep.new_damage, 0u);
+}
+
 TEST(Recovery, RefusesVersionOneSegments) {
   spool_fixture f;
   std::string v1(40, '\0');
