@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fmt/format.h>
 
+#include "src/core/bytes.hh"
 #include "src/core/crc32c.hh"
 
 namespace tern::spool {
@@ -58,6 +59,8 @@ namespace {
 
 constexpr size_t npos = static_cast<size_t>(-1);
 
+uint64_t resync_budget(size_t size) { return 4 * uint64_t(size) + (64u << 10); }
+
 // The next offset >= from where a record carrying `nonce` validates, or npos. Only offsets
 // where the nonce bytes occur at the nonce position are candidates (memmem: linear).
 size_t resync(std::span<const unsigned char> d, size_t from, uint64_t nonce, segment_scan& out) {
@@ -70,6 +73,15 @@ size_t resync(std::span<const unsigned char> d, size_t from, uint64_t nonce, seg
     size_t at = static_cast<size_t>(hit - d.data());
     size_t cand = at - record_nonce_offset;
     ++out.candidates;
+    // Work bound: client bytes never hold the nonce, so candidates are real record headers
+    // and the CRC work stays below twice the file. Only bytes that repeat the nonce outside
+    // records (not something a client can write) could push it further: stop there, and
+    // the caller keeps the rest in place as damage rather than spend quadratic time.
+    uint32_t len = load_le32(hit - record_nonce_offset + 4);
+    if (out.crc_bytes + 8 + len > resync_budget(d.size())) {
+      out.budget_exhausted = true;
+      return npos;
+    }
     record_view rv;
     if (read_record(d, cand, nonce, rv, nullptr, &out.crc_bytes) == read_status::ok) return cand;
     pos = at + 1;
@@ -84,7 +96,8 @@ bool all_zero(std::span<const unsigned char> d, size_t from) {
 }
 
 // Nothing valid follows `off`: torn (cannot be a record) or a complete-looking tail.
-damage classify_tail(std::span<const unsigned char> d, size_t off, record_fault f, bool nonce_known) {
+damage classify_tail(std::span<const unsigned char> d, size_t off, record_fault f, bool nonce_known,
+                     bool budget_exhausted) {
   damage g;
   g.begin = off;
   g.end = d.size();
@@ -96,6 +109,11 @@ damage classify_tail(std::span<const unsigned char> d, size_t off, record_fault 
     return g;
   }
   bool torn = f == record_fault::short_header || f == record_fault::past_eof || f == record_fault::bad_length;
+  if (budget_exhausted) {
+    g.kind = damage_kind::tail;  // unexamined: keep it, never truncate
+    g.why = "resync work bound reached (the segment nonce occurs outside records)";
+    return g;
+  }
   if (f == record_fault::bad_nonce || !nonce_known) {
     // Without our nonce it is a record only if it validates on its own (a damaged nonce);
     // otherwise garbage that cannot be one of ours.
@@ -164,7 +182,8 @@ bool scan_bytes(std::span<const unsigned char> d, segment_scan& out, const recor
     }
   }
   if (!out.nonce_known) {
-    out.damaged.push_back(classify_tail(d, 0, d.size() < record_header_size ? record_fault::short_header : f, false));
+    out.damaged.push_back(classify_tail(d, 0, d.size() < record_header_size ? record_fault::short_header : f, false,
+                                       out.budget_exhausted));
     auto& g = out.damaged.back();
     if (!g.all_zero) g.why = g.kind == damage_kind::tail ? g.why : "no valid record (no segment header)";
     g.crc = crc_of(d, g.begin, g.end);
@@ -193,7 +212,7 @@ bool scan_bytes(std::span<const unsigned char> d, segment_scan& out, const recor
       off = next;
       continue;
     }
-    damage g = classify_tail(d, off, f, true);
+    damage g = classify_tail(d, off, f, true, out.budget_exhausted);
     g.crc = crc_of(d, g.begin, g.end);
     out.damaged.push_back(g);
     break;

@@ -17,7 +17,9 @@
 //     nonce is bad: kept in place and quarantined, never truncated.
 // Work is linear in the file size whatever the content: each resync candidate is a nonce
 // occurrence, and the CRC runs at most once over each byte per candidate that starts at a
-// real record header (counted in crc_bytes).
+// real record header (counted in crc_bytes). Bytes repeating the nonce outside records
+// (not something a client can write; found by fuzzing) are stopped by a work bound of
+// 4 x the file size: the unexamined rest is kept in place as damage, never truncated.
 #include <cstdint>
 #include <functional>
 #include <set>
@@ -51,6 +53,7 @@ struct segment_scan {
   std::vector<damage> damaged;  // in file order; at most one torn or tail, last
   uint64_t crc_bytes = 0;       // work done by the CRC (for the linear-time tests)
   uint64_t candidates = 0;      // resync candidates checked
+  bool budget_exhausted = false;  // resync stopped at its work bound (rest kept as damage)
   std::string error;            // could not open/map the file, or a format it refuses
 
   bool clean() const noexcept { return error.empty() && damaged.empty(); }

@@ -334,6 +334,33 @@ TEST(Recovery, ResyncIsLinear) {
          secs, static_cast<unsigned long long>(r.rep.crc_bytes));
 }
 
+// Found by fuzzing: bytes that repeat the segment nonce at many offsets, each a candidate
+// header whose length runs to the end of the file, made the resync quadratic. Clients
+// cannot write the nonce, but the work is bounded anyway, and what is left unexamined is
+// kept in place (quarantined), never truncated.
+TEST(Recovery, RepeatedNonceHitsTheWorkBoundAndKeepsTheRest) {
+  spool_fixture f;
+  std::string fake(record_header_size, '\0');
+  set_record_nonce(fake.data(), nonce);
+  fake[8] = 2;
+  fake[9] = record_version;
+  std::string all = header() + msg(id(1));
+  size_t region = all.size();
+  size_t count = 20000;
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t len = static_cast<uint32_t>((count - i - 1) * fake.size());  // to the end of the file
+    for (int k = 0; k < 4; ++k) fake[4 + static_cast<size_t>(k)] = static_cast<char>(len >> (8 * k));
+    all += fake;
+  }
+  all[region + 1] ^= 1;
+  f.write(all);
+  auto r = recover(f.t.path, true);
+  EXPECT_EQ(ids_of(r.q), (std::vector<std::string>{id(1)}));
+  EXPECT_LE(r.rep.crc_bytes, 5 * all.size() + (64u << 10));
+  EXPECT_EQ(f.read(), all) << "the unexamined rest must be kept";
+  EXPECT_EQ(recover(f.t.path, false).rep.new_damage, 0u);
+}
+
 TEST(Recovery, QuarantinesCorruptMiddleAndKeepsWhatFollows) {
   spool_fixture f;
   std::string m2 = msg(id(2));
