@@ -145,6 +145,9 @@ int main(int argc, char** argv) {
     segment_scan sc;
     bool ok = scan_segment(path, sc, [&](const record_view& rv, uint64_t off) {
       if (rv.type == record_type::message) {
+        message_view mv;
+        if (!decode_message(rv.payload, mv))  // a valid record whose payload does not decode
+          problems.push_back(fmt::format("{}: message record at {} does not decode", path, off));
         msgs.push_back({path, off, std::string(rv.payload)});
       } else if (rv.type == record_type::done) {
         std::string_view d;
