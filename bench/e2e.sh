@@ -3,6 +3,8 @@
 # ternd, measured in one run on this machine with the same clients, and the ratio.
 #
 #   bench/e2e.sh [messages]          (as root; builds ternd first if needed)
+#   BASE=/path/to/older/ternd bench/e2e.sh   also measures an older ternd build in the same
+#                                            rounds (before/after comparisons)
 #
 # Table 1: postfix's smtp-source, 50 sessions, 2 KiB messages, one message per connection
 #          (smtp-source's default), against: smtp-sink (the client's own ceiling, no disk),
@@ -22,6 +24,7 @@ cleanup() {
   postfix -c "$W/pf/etc" stop >/dev/null 2>&1 || true
   [ -n "${TERN_PID:-}" ] && kill "$TERN_PID" 2>/dev/null || true
   [ -n "${TERN2_PID:-}" ] && kill "$TERN2_PID" 2>/dev/null || true
+  [ -n "${BASE_PID:-}" ] && kill "$BASE_PID" 2>/dev/null || true
   [ -n "${SINK_PID:-}" ] && kill "$SINK_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$W"
@@ -82,9 +85,26 @@ TN2=$(free_port)
 sed -e "s/127.0.0.1:$TN/127.0.0.1:$TN2/" -e "s#tern-spool#tern-spool2#" "$W/tern.toml" > "$W/tern2.toml"
 printf '[tuning]\npin_shards = false\n' >> "$W/tern2.toml"
 build/src/ternd --config "$W/tern2.toml" 2>"$W/ternd2.log" & TERN2_PID=$!
+# An older build, when asked for, with the defaults on its own port and spool.
+if [ -n "${BASE:-}" ]; then
+  TNB=$(free_port)
+  sed -e "s/127.0.0.1:$TN/127.0.0.1:$TNB/" -e "s#tern-spool#tern-spool-base#" "$W/tern.toml" > "$W/ternb.toml"
+  "$BASE" --config "$W/ternb.toml" 2>"$W/ternd-base.log" & BASE_PID=$!
+fi
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; return 1; }
 wait_port $SINK; wait_port $PF; wait_port $TN; wait_port $TN2
+[ -n "${BASE:-}" ] && wait_port $TNB
+
+# CPU time (user + system) of a process, in microseconds, from /proc/PID/stat.
+cpu_us() { python3 -c "import os,sys; f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))*1000000//os.sysconf('SC_CLK_TCK'))" "$1"; }
+# rate_cpu PID command... -> "msg/s cpu_us_per_msg"
+rate_cpu() {
+  local pid=$1; shift
+  local c0 c1 t0 t1
+  c0=$(cpu_us "$pid"); t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); c1=$(cpu_us "$pid")
+  python3 -c "print(f'{$N/($t1-$t0):.0f} {($c1-$c0)/$N:.0f}')"
+}
 
 rate() {  # command... -> msg/s (N / wall time)
   local t0 t1
@@ -103,19 +123,20 @@ ratio() { python3 -c "print(f'{$1/$2:.1f}x')"; }
 echo "tern e2e benchmark: $N messages of 2 KiB, 50 sessions, $(nproc) cores, $(uname -r)"
 echo "each figure is the median of $ROUNDS rounds; the servers are measured in turn within each round"
 echo
-sink=(); pf=(); pf_e2e=(); tn=(); tn_np=(); pf2=(); tn2=(); tn2_np=()
+sink=(); pf=(); pf_e2e=(); tn=(); tn_np=(); pf2=(); tn2=(); tn2_np=(); tb=(); tn_cpu=(); tb_cpu=()
 for r in $(seq "$ROUNDS"); do
   sink+=("$(rate ss_run $SINK)")
   t0=$(date +%s.%N); ss_run $PF >/dev/null 2>&1; t1=$(date +%s.%N)
   while ! pf_queue_empty; do sleep 0.2; done; t2=$(date +%s.%N)
   pf+=("$(python3 -c "print(f'{$N/($t1-$t0):.0f}')")"); pf_e2e+=("$(python3 -c "print(f'{$N/($t2-$t0):.0f}')")")
-  tn+=("$(rate ss_run $TN)")
+  read -r x c < <(rate_cpu $TERN_PID ss_run $TN); tn+=("$x"); tn_cpu+=("$c")
+  if [ -n "${BASE:-}" ]; then read -r x c < <(rate_cpu $BASE_PID ss_run $TNB); tb+=("$x"); tb_cpu+=("$c"); fi
   tn_np+=("$(rate ss_run $TN2)")
   pf2+=("$(rate tl_run $PF)")
   while ! pf_queue_empty; do sleep 0.2; done
   tn2+=("$(rate tl_run $TN)")
   tn2_np+=("$(rate tl_run $TN2)")
-  echo "round $r: smtp-source sink=${sink[-1]} postfix=${pf[-1]} ternd=${tn[-1]} ($(ratio ${tn[-1]} ${pf[-1]})) ternd-unpinned=${tn_np[-1]} ($(ratio ${tn_np[-1]} ${pf[-1]})); tern-load postfix=${pf2[-1]} ternd=${tn2[-1]} ($(ratio ${tn2[-1]} ${pf2[-1]})) ternd-unpinned=${tn2_np[-1]}"
+  echo "round $r: smtp-source sink=${sink[-1]} postfix=${pf[-1]} ternd=${tn[-1]} ($(ratio ${tn[-1]} ${pf[-1]})) ternd-unpinned=${tn_np[-1]} ($(ratio ${tn_np[-1]} ${pf[-1]}))${BASE:+ ternd-base=${tb[-1]} ($(ratio ${tb[-1]} ${pf[-1]}))} cpu/msg ternd=${tn_cpu[-1]}us${BASE:+ base=${tb_cpu[-1]}us}; tern-load postfix=${pf2[-1]} ternd=${tn2[-1]} ($(ratio ${tn2[-1]} ${pf2[-1]})) ternd-unpinned=${tn2_np[-1]}"
 done
 S=$(median "${sink[@]}"); P=$(median "${pf[@]}"); PE=$(median "${pf_e2e[@]}"); T=$(median "${tn[@]}"); TU=$(median "${tn_np[@]}")
 P2=$(median "${pf2[@]}"); T2=$(median "${tn2[@]}"); T2U=$(median "${tn2_np[@]}")
@@ -125,6 +146,12 @@ printf '%-46s %10s\n' "smtp-sink (client ceiling, no disk)" "$S"
 printf '%-46s %10s   (end to end incl. relay: %s)\n' "postfix 3.7 (fsync, relays to smtp-sink)" "$P" "$PE"
 printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd (defaults: one pinned shard per core)" "$T" "$(ratio $T $P)" "$((100 * T / S))"
 printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd ([tuning] pin_shards = false)" "$TU" "$(ratio $TU $P)" "$((100 * TU / S))"
+printf '%-46s %10s\n' "ternd CPU per message (user+system, us)" "$(median "${tn_cpu[@]}")"
+if [ -n "${BASE:-}" ]; then
+  TB=$(median "${tb[@]}")
+  printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd base ($BASE)" "$TB" "$(ratio $TB $P)" "$((100 * TB / S))"
+  printf '%-46s %10s\n' "ternd base CPU per message (user+system, us)" "$(median "${tb_cpu[@]}")"
+fi
 echo
 printf '%-46s %10s\n' "tern-load (100 msg/conn, PIPELINING) into" "msg/s"
 printf '%-46s %10s\n' "postfix 3.7" "$P2"

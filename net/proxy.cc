@@ -41,7 +41,12 @@ bool parse_port(std::string_view s, uint16_t& port) noexcept {
 
 proxy_result parse_v1(std::span<const unsigned char> in, proxy_header& out) noexcept {
   std::string_view s(reinterpret_cast<const char*>(in.data()), in.size());
-  size_t lim = s.size() < proxy_v1_max ? s.size() : proxy_v1_max;
+  // The whole line, CRLF included, is at most proxy_v1_max bytes: the CR must sit at an
+  // index no greater than proxy_v1_max - 2. Once that many bytes came without one, the
+  // line is too long whatever follows (a 108-byte line used to pass: the scan allowed
+  // the CR at index 106).
+  constexpr size_t cr_max = proxy_v1_max - 2;
+  size_t lim = s.size() < cr_max + 1 ? s.size() : cr_max + 1;
   size_t cr = s.npos;
   for (size_t i = 0; i < lim; ++i) {
     if (s[i] == '\n') return fail("PROXY v1: bare LF");
@@ -52,11 +57,14 @@ proxy_result parse_v1(std::span<const unsigned char> in, proxy_header& out) noex
     if (s[i] == 0) return fail("PROXY v1: NUL byte");
   }
   if (cr == s.npos) {
-    if (s.size() >= proxy_v1_max) return fail("PROXY v1: header longer than 107 bytes");
+    if (s.size() > cr_max) return fail("PROXY v1: header longer than 107 bytes");
     return {};
   }
   if (cr + 1 >= s.size()) return {};  // need the LF
   if (s[cr + 1] != '\n') return fail("PROXY v1: CR not followed by LF");
+  // The spec's format never puts a space before the CRLF (fields are separated by exactly
+  // one space, UNKNOWN lines included); a trailing space is a malformed or forged line.
+  if (s[cr - 1] == ' ') return fail("PROXY v1: space before CRLF");
   std::string_view line = s.substr(v1_sig.size(), cr - v1_sig.size());
   size_t consumed = cr + 2;
 

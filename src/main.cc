@@ -53,9 +53,13 @@ int run(const config::config& cfg) {
   if (rl.rlim_cur < want) {
     rl.rlim_cur = std::min(want, rl.rlim_max);
     setrlimit(RLIMIT_NOFILE, &rl);
-    if (rl.rlim_cur < want)
-      log::warn("RLIMIT_NOFILE is {} but {} shards x {} connections need {}", rl.rlim_cur, nshards,
-                cfg.limits.connections, want);
+    if (rl.rlim_cur < want) {
+      // Refused at start rather than failing accepts with EMFILE under load.
+      log::error("{}: limits.connections: {} shard(s) x {} connections need {} file descriptors, but "
+                 "RLIMIT_NOFILE allows {} (raise LimitNOFILE= / ulimit -n, or lower limits.connections)",
+                 cfg.source, nshards, cfg.limits.connections, want, rl.rlim_cur);
+      return 1;
+    }
   }
 
   // Recovery first: nothing is accepted until the queue is rebuilt.
@@ -87,7 +91,7 @@ int run(const config::config& cfg) {
   for (const auto& L : cfg.listen) {
     net::address a = L.address;
     for (unsigned s = 0; s < nshards; ++s) {
-      int fd = net::open_listener(a, 4096, err);
+      int fd = net::open_listener(a, static_cast<int>(cfg.tuning.listen_backlog), err);
       if (fd < 0) {
         log::error("listen: {}", err);
         return 1;
@@ -104,6 +108,7 @@ int run(const config::config& cfg) {
   sigaddset(&sigs, SIGINT);
   sigaddset(&sigs, SIGTERM);
   sigaddset(&sigs, SIGHUP);
+  sigaddset(&sigs, SIGUSR1);
   sigaddset(&sigs, SIGPIPE);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
@@ -134,14 +139,26 @@ int run(const config::config& cfg) {
       shards[s]->run();
     });
   }
+  // Any shard that cannot start ends the daemon with one clear error and a clean exit: the
+  // shards that did start are stopped, every thread is joined, nothing crashes.
   bool failed = false;
+  unsigned nfailed = 0;
+  std::string first_err;
+  unsigned first_shard = 0;
   for (unsigned s = 0; s < nshards; ++s) {
     auto e = ready[s].get_future().get();
     if (!e.empty()) {
-      log::error("shard {}: {}", s, e);
+      if (!failed) {
+        first_err = e;
+        first_shard = s;
+      }
       failed = true;
+      ++nfailed;
     }
   }
+  if (failed)
+    log::error("cannot start: shard {}: {}{}", first_shard, first_err,
+               nfailed > 1 ? fmt::format(" (and {} other shard(s))", nfailed - 1) : std::string());
   if (!failed) {
     std::string where;
     for (auto& b : bound) where += (where.empty() ? "" : ", ") + b.to_string();
@@ -154,14 +171,35 @@ int run(const config::config& cfg) {
 #endif
     );
     sd_notify(0, "READY=1");
+    // Watch the shards' heartbeats while waiting for a signal: a loop that has not turned
+    // for stuck_ms is reported (HA will use the same signal to give up mastership).
+    constexpr uint64_t stuck_ms = 10000;
+    std::vector<uint64_t> reported(nshards, 0);
     for (;;) {
-      int sig = 0;
-      sigwait(&sigs, &sig);
+      timespec wait{1, 0};
+      int sig = sigtimedwait(&sigs, nullptr, &wait);
+      if (sig < 0) {
+        uint64_t now = mono_us() / 1000;
+        for (unsigned s = 0; s < nshards; ++s) {
+          const auto* lc = shards[s]->loop_counters();
+          uint64_t hb = lc ? lc->heartbeat_ms.load(std::memory_order_relaxed) : 0;
+          if (hb && now > hb + stuck_ms && reported[s] != hb) {
+            log::error("shard {}: no loop iteration for {} ms: the shard is stuck", s, now - hb);
+            reported[s] = hb;
+          }
+        }
+        continue;
+      }
       if (sig == SIGHUP) {
         log::warn("SIGHUP: configuration reload is not implemented yet; restart to apply changes");
         continue;
       }
       if (sig == SIGPIPE) continue;
+      if (sig == SIGUSR1) {  // each shard logs its counters, asked through its inbox
+        for (auto& sh : shards)
+          if (!sh->post_log_stats_ok()) log::warn("a shard's inbox is full: stats request dropped");
+        continue;
+      }
       log::info("signal {}: stopping", sig == SIGTERM ? "TERM" : "INT");
       sd_notify(0, "STOPPING=1");
       break;
@@ -181,6 +219,13 @@ int run(const config::config& cfg) {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef TERN_MIMALLOC
+  // Give freed memory back to the kernel at once rather than after mimalloc's delay: the
+  // memory a burst of large messages used must not stay resident (docs/architecture.md,
+  // "Memory bounds"). The environment (MIMALLOC_DECOMMIT_DELAY=...) still wins.
+  if (!getenv("MIMALLOC_DECOMMIT_DELAY")) mi_option_set(mi_option_decommit_delay, 0);
+  if (!getenv("MIMALLOC_SEGMENT_DECOMMIT_DELAY")) mi_option_set(mi_option_segment_decommit_delay, 0);
+#endif
   CLI::App app{"ternd: SMTP relay (thread-per-core, io_uring, durable spool)"};
   std::string config_path, check_path;
   bool version = false;

@@ -11,6 +11,8 @@ pkgs=(
   libgtest-dev libgmock-dev libbenchmark-dev
   # real clients and peers for the integration tests and benchmarks
   python3 python3-pytest swaks postfix haproxy keepalived iproute2 util-linux procps
+  # the power-loss test's FUSE file system (tests/fuse): library to build, fusermount3 to run
+  fuse3 libfuse3-dev
 )
 
 missing=()

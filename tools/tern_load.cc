@@ -1,7 +1,8 @@
 // tern-load: an io_uring SMTP load generator. N concurrent sessions send M messages of a
 // given size, several per connection, optionally PIPELINING (MAIL/RCPT/DATA in one write)
 // and with a PROXY v1/v2 header first. Prints sent/accepted/rejected and msg/s.
-// Single thread, one ring: the client's own cost stays small next to the server's.
+// Single thread, one reactor (src/core/reactor.hh, the same loop as ternd's shards): the
+// client's own cost stays small next to the server's.
 #include <liburing.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -18,13 +19,15 @@
 
 #include "net/address.hh"
 #include "net/proxy.hh"
+#include "src/core/reactor.hh"
 
 using tern::net::address;
+namespace core = tern::core;
 
 namespace {
 
 enum class expect : uint8_t { banner, ehlo, mail, rcpt, data, dot, rset, quit };
-enum class opk : uint8_t { connect = 1, send, recv, close };
+enum opk : unsigned { op_connect = 1, op_send, op_recv };
 
 struct options {
   std::string host = "127.0.0.1";
@@ -54,9 +57,11 @@ struct conn {
   uint16_t sport = 0;
 };
 
-struct load {
+struct load final : core::completion_handler, core::loop_hooks {
   options o;
-  io_uring ring{};
+  core::reactor rx;
+  core::timer deadline;
+  bool timed_out = false;
   address dst;
   std::vector<conn> conns;
   std::string body;
@@ -64,16 +69,8 @@ struct load {
   uint64_t started = 0, accepted = 0, rejected = 0, errors = 0, connections = 0;
   unsigned open = 0;
 
-  static uint64_t ud(opk k, uint32_t idx, uint32_t gen) { return uint64_t(idx) << 32 | (gen & 0xFFFFFF) << 8 | uint64_t(k); }
-
-  io_uring_sqe* sqe() {
-    auto* s = io_uring_get_sqe(&ring);
-    if (!s) {
-      io_uring_submit(&ring);
-      s = io_uring_get_sqe(&ring);
-    }
-    return s;
-  }
+  static uint64_t ud(unsigned op, uint32_t idx, uint32_t gen) { return core::ud::make(core::owner::user, op, idx, gen); }
+  io_uring_sqe* sqe() { return rx.get_sqe(); }
 
   void make_body() {
     body = fmt::format("From: <{}>\r\nTo: <{}>\r\nSubject: tern-load\r\nMessage-ID: <load@tern.test>\r\n\r\n", o.from, o.to);
@@ -94,14 +91,14 @@ struct load {
     c.txq.clear();
     auto* s = sqe();
     io_uring_prep_send(s, c.fd, c.tx.data(), c.tx.size(), MSG_NOSIGNAL);
-    io_uring_sqe_set_data64(s, ud(opk::send, i, c.gen));
+    io_uring_sqe_set_data64(s, ud(op_send, i, c.gen));
     c.send_inflight = true;
   }
   void arm_recv(uint32_t i) {
     conn& c = conns[i];
     auto* s = sqe();
     io_uring_prep_recv(s, c.fd, c.rbuf, sizeof c.rbuf, 0);
-    io_uring_sqe_set_data64(s, ud(opk::recv, i, c.gen));
+    io_uring_sqe_set_data64(s, ud(op_recv, i, c.gen));
     c.recv_inflight = true;
   }
 
@@ -124,7 +121,7 @@ struct load {
     ++connections;
     auto* s = sqe();
     io_uring_prep_connect(s, c.fd, reinterpret_cast<const sockaddr*>(&dst.ss), dst.len);
-    io_uring_sqe_set_data64(s, ud(opk::connect, i, c.gen));
+    io_uring_sqe_set_data64(s, ud(op_connect, i, c.gen));
   }
 
   void close_conn(uint32_t i) {
@@ -274,6 +271,67 @@ struct load {
     }
   }
 
+
+  // core::completion_handler
+  void on_completion(const io_uring_cqe& cqe) override {
+    uint64_t d = cqe.user_data;
+    uint32_t i = core::ud::index(d);
+    if (i >= conns.size() || (conns[i].gen & 0xFFFFFF) != core::ud::gen(d)) return;
+    conn& c = conns[i];
+    int res = cqe.res;
+    switch (core::ud::op(d)) {
+      case op_connect:
+        if (res < 0) {
+          c.broken = true;
+          c.closing = true;
+          maybe_reap(i);
+          break;
+        }
+        if (!o.proxy.empty()) {
+          auto src = address::from_ip("198.18.0." + std::to_string(1 + i % 250), static_cast<uint16_t>(10000 + i));
+          send(i, o.proxy == "v1" ? tern::net::encode_proxy_v1(*src, dst) : tern::net::encode_proxy_v2(*src, dst));
+        }
+        arm_recv(i);
+        break;
+      case op_send:
+        c.send_inflight = false;
+        if (res < 0) {
+          c.broken = true;
+          close_conn(i);
+          maybe_reap(i);
+          break;
+        }
+        if (static_cast<size_t>(res) < c.tx.size()) {  // short send: the rest first
+          c.txq.insert(0, c.tx.substr(static_cast<size_t>(res)));
+        }
+        c.tx.clear();
+        if (c.closing)
+          maybe_reap(i);
+        else
+          flush(i);
+        break;
+      case op_recv:
+        c.recv_inflight = false;
+        if (res <= 0) {
+          if (!c.closing && !c.want.empty() && c.want.front() != expect::quit) c.broken = true;
+          close_conn(i);
+          maybe_reap(i);
+          break;
+        }
+        on_data(i, c.rbuf, static_cast<size_t>(res));
+        if (c.closing)
+          maybe_reap(i);
+        else
+          arm_recv(i);
+        break;
+      default:
+        break;
+    }
+  }
+  void on_timer(core::timer&) override { timed_out = true; }
+  // core::loop_hooks
+  bool keep_running() override { return open > 0 && !timed_out; }
+
   int run() {
     auto a = address::from_ip(o.host, o.port);
     if (!a) {
@@ -284,84 +342,24 @@ struct load {
     make_body();
     budget = o.messages;
     conns.resize(o.sessions);
-    io_uring_params p{};
-    if (int r = io_uring_queue_init_params(4096, &ring, &p); r < 0) {
-      fmt::print(stderr, "tern-load: io_uring: {}\n", strerror(-r));
+    core::reactor_options ro;
+    ro.sq_entries = 4096;
+    ro.cq_entries = 8192;
+    ro.defer_taskrun = false;  // as before the reactor: a plain ring
+    ro.required_ops = {{IORING_OP_CONNECT, "CONNECT"}, {IORING_OP_SEND, "SEND"}, {IORING_OP_RECV, "RECV"}};
+    std::string err;
+    if (!rx.init(ro, err)) {
+      fmt::print(stderr, "tern-load: {}\n", err);
       return 2;
     }
+    rx.set_handler(core::owner::user, this);
     timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    deadline.data = core::ud::make(core::owner::user, 0, 0, 0);
+    rx.timers().arm(deadline, rx.now_ms() + uint64_t(o.timeout) * 1000);
     for (uint32_t i = 0; i < o.sessions; ++i) start_conn(i);
-    while (open > 0) {
-      __kernel_timespec ts{1, 0};
-      io_uring_cqe* cqe;
-      io_uring_submit_and_wait_timeout(&ring, &cqe, 1, &ts, nullptr);
-      unsigned head, n = 0;
-      io_uring_for_each_cqe(&ring, head, cqe) {
-        ++n;
-        uint64_t d = cqe->user_data;
-        auto k = static_cast<opk>(d & 0xFF);
-        uint32_t i = static_cast<uint32_t>(d >> 32);
-        uint32_t gen = static_cast<uint32_t>((d >> 8) & 0xFFFFFF);
-        if (i >= conns.size() || (conns[i].gen & 0xFFFFFF) != gen) continue;
-        conn& c = conns[i];
-        int res = cqe->res;
-        switch (k) {
-          case opk::connect:
-            if (res < 0) {
-              c.broken = true;
-              c.closing = true;
-              maybe_reap(i);
-              break;
-            }
-            if (!o.proxy.empty()) {
-              auto src = address::from_ip("198.18.0." + std::to_string(1 + i % 250), static_cast<uint16_t>(10000 + i));
-              send(i, o.proxy == "v1" ? tern::net::encode_proxy_v1(*src, dst) : tern::net::encode_proxy_v2(*src, dst));
-            }
-            arm_recv(i);
-            break;
-          case opk::send:
-            c.send_inflight = false;
-            if (res < 0) {
-              c.broken = true;
-              close_conn(i);
-              maybe_reap(i);
-              break;
-            }
-            if (static_cast<size_t>(res) < c.tx.size()) {  // short send: the rest first
-              c.txq.insert(0, c.tx.substr(static_cast<size_t>(res)));
-            }
-            c.tx.clear();
-            if (c.closing)
-              maybe_reap(i);
-            else
-              flush(i);
-            break;
-          case opk::recv:
-            c.recv_inflight = false;
-            if (res <= 0) {
-              if (!c.closing && !c.want.empty() && c.want.front() != expect::quit) c.broken = true;
-              close_conn(i);
-              maybe_reap(i);
-              break;
-            }
-            on_data(i, c.rbuf, static_cast<size_t>(res));
-            if (c.closing)
-              maybe_reap(i);
-            else
-              arm_recv(i);
-            break;
-          default:
-            break;
-        }
-      }
-      io_uring_cq_advance(&ring, n);
-      clock_gettime(CLOCK_MONOTONIC, &t1);
-      if (t1.tv_sec - t0.tv_sec > static_cast<time_t>(o.timeout)) {
-        fmt::print(stderr, "tern-load: timeout after {} s\n", o.timeout);
-        break;
-      }
-    }
+    rx.run(*this);
+    if (timed_out) fmt::print(stderr, "tern-load: timeout after {} s\n", o.timeout);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = double(t1.tv_sec - t0.tv_sec) + double(t1.tv_nsec - t0.tv_nsec) / 1e9;
     fmt::print("sent={} accepted={} rejected={} errors={} connections={} elapsed={:.3f}s rate={:.0f} msg/s\n", started,

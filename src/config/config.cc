@@ -1,6 +1,10 @@
 #include "src/config/config.hh"
 
+#include <arpa/inet.h>
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <thread>
 
 #include <algorithm>
 #include <fstream>
@@ -22,6 +26,26 @@ address = "127.0.0.1:2525"
 networks = ["127.0.0.0/8", "::1"]
 domains = []
 )";
+
+bool valid_dns_name(std::string_view d) noexcept {
+  if (d.empty() || d.size() > 253) return false;
+  size_t label = 0;
+  char prev = '.';
+  for (char ch : d) {
+    bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+    if (ch == '.') {
+      if (label == 0 || prev == '-') return false;  // empty label, or label ends in '-'
+      label = 0;
+    } else if (alnum || ch == '-') {
+      if (label == 0 && ch == '-') return false;  // label starts with '-'
+      if (++label > 63) return false;
+    } else {
+      return false;
+    }
+    prev = ch;
+  }
+  return label > 0 && prev != '-';  // no trailing dot, last label does not end in '-'
+}
 
 namespace {
 
@@ -105,11 +129,22 @@ std::vector<net::cidr> get_cidrs(const ctx& c, const toml::table& t, const char*
   return out;
 }
 
-bool valid_domain(const std::string& d) {
-  if (d.empty() || d.size() > 255) return false;
-  for (char ch : d)
-    if (!(isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '.')) return false;
-  return d.find("..") == std::string::npos && d.back() != '.';
+// Two listeners that would both take a connection: the same address and port, or a
+// wildcard (0.0.0.0 / [::]) and an address of the same family on the same port. Sockets
+// are bound with SO_REUSEPORT (one per shard), so the kernel would not refuse the second
+// bind: it would split or steal connections between listeners whose settings differ.
+// [::] and 0.0.0.0 do not overlap: IPv6 listeners are IPV6_V6ONLY.
+bool is_wildcard(const net::address& a) {
+  if (a.family() == AF_INET)
+    return reinterpret_cast<const sockaddr_in&>(a.ss).sin_addr.s_addr == htonl(INADDR_ANY);
+  const auto& s6 = reinterpret_cast<const sockaddr_in6&>(a.ss);
+  return IN6_IS_ADDR_UNSPECIFIED(&s6.sin6_addr);
+}
+
+bool overlaps(const net::address& a, const net::address& b) {
+  // Port 0: the kernel picks a free port for each listener, so they never collide.
+  if (a.family() != b.family() || a.port() != b.port() || a.port() == 0) return false;
+  return a.ip() == b.ip() || is_wildcard(a) || is_wildcard(b);
 }
 
 config parse(const ctx& c, const toml::table& root) {
@@ -120,9 +155,11 @@ config parse(const ctx& c, const toml::table& root) {
   char hn[256] = "localhost";
   gethostname(hn, sizeof hn - 1);
   cfg.hostname = get_str(c, root, "hostname", "hostname", hn);
-  if (cfg.hostname.empty() || !valid_domain(cfg.hostname))
+  if (!valid_dns_name(cfg.hostname))
     c.fail(root.get("hostname") ? root.get("hostname")->source() : toml::source_region{}, "hostname",
-           "\"" + cfg.hostname + "\" is not a valid host name");
+           "\"" + cfg.hostname +
+               "\" is not a valid DNS host name (labels of letters, digits and '-', 1 to 63 bytes, "
+               "253 in all)");
   cfg.shards = get_int<uint32_t>(c, root, "shards", "shards", 0, 0, 256);
   cfg.log_level = get_str(c, root, "log_level", "log_level", "info");
   if (cfg.log_level != "debug" && cfg.log_level != "info" && cfg.log_level != "warning" &&
@@ -149,8 +186,9 @@ config parse(const ctx& c, const toml::table& root) {
     if (!t) c.fail(e.source(), "listen", "expected a table");
     check_keys(c, *t, "listen.",
                {"address", "proxy_protocol", "trusted_proxies", "proxy_timeout", "proxy_max_header",
-                "tls", "auth"});
+                "tls", "auth", "local_relay", "allow_bare_lf"});
     listener l;
+    l.line = static_cast<int>(t->source().begin.line);
     auto* an = t->get("address");
     if (!an) c.fail(t->source(), "listen.address", "missing (e.g. \"0.0.0.0:25\")");
     l.address_text = get_str(c, *t, "address", "listen.address", "");
@@ -159,6 +197,11 @@ config parse(const ctx& c, const toml::table& root) {
       c.fail(an->source(), "listen.address",
              "\"" + l.address_text + "\" is not IP:PORT or [IPv6]:PORT (names are not resolved)");
     l.address = *a;
+    for (const auto& o : cfg.listen)
+      if (overlaps(o.address, l.address))
+        c.fail(an->source(), "listen.address",
+               "\"" + l.address_text + "\" overlaps the listener \"" + o.address_text + "\" at line " +
+                   std::to_string(o.line) + " (same port, same or wildcard address)");
     l.proxy_protocol = get_bool(c, *t, "proxy_protocol", "listen.proxy_protocol", false);
     l.trusted_proxies = get_cidrs(c, *t, "trusted_proxies", "listen.trusted_proxies");
     if (l.proxy_protocol && l.trusted_proxies.empty())
@@ -170,6 +213,11 @@ config parse(const ctx& c, const toml::table& root) {
     l.proxy_timeout_ms = 1000 * get_int<uint32_t>(c, *t, "proxy_timeout", "listen.proxy_timeout", 5, 1, 300);
     l.proxy_max_header = get_int<uint32_t>(c, *t, "proxy_max_header", "listen.proxy_max_header",
                                            4096, 232, 65551);
+    l.local_relay = get_bool(c, *t, "local_relay", "listen.local_relay", false);
+    if (l.local_relay && !l.proxy_protocol)
+      c.fail(t->get("local_relay")->source(), "listen.local_relay",
+             "only meaningful with proxy_protocol = true");
+    l.allow_bare_lf = get_bool(c, *t, "allow_bare_lf", "listen.allow_bare_lf", false);
     l.tls = get_bool(c, *t, "tls", "listen.tls", false);
     l.auth = get_bool(c, *t, "auth", "listen.auth", false);
     if (l.tls)
@@ -191,8 +239,9 @@ config parse(const ctx& c, const toml::table& root) {
         if (!s) c.fail(e.source(), "relay.domains", "expected a string");
         std::string d = *s;
         std::transform(d.begin(), d.end(), d.begin(), [](unsigned char ch) { return std::tolower(ch); });
-        if (!valid_domain(d[0] == '.' ? d.substr(1) : d))
-          c.fail(e.source(), "relay.domains", "\"" + *s + "\" is not a domain name");
+        if (!valid_dns_name(std::string_view(d).substr(d[0] == '.' ? 1 : 0)))
+          c.fail(e.source(), "relay.domains",
+                 "\"" + *s + "\" is not a valid DNS domain name (\".example.org\" for subdomains)");
         cfg.relay.domains.push_back(d);
       }
     }
@@ -200,18 +249,36 @@ config parse(const ctx& c, const toml::table& root) {
 
   if (auto* l = get_table(c, root, "limits")) {
     check_keys(c, *l, "limits.",
-               {"message_size", "recipients", "line_length", "errors", "idle_timeout",
-                "session_timeout", "connections"});
+               {"message_size", "recipients", "recipient_overshoot", "line_length", "errors",
+                "junk_commands", "idle_timeout", "session_timeout", "connections", "output_buffer",
+                "input_buffer", "send_timeout", "message_memory", "shutdown_timeout"});
     auto& L = cfg.limits;
     L.message_size = get_int<uint64_t>(c, *l, "message_size", "limits.message_size", L.message_size,
                                        1024, int64_t(1) << 30);
     L.recipients = get_int<uint32_t>(c, *l, "recipients", "limits.recipients", L.recipients, 1, 100000);
+    L.recipient_overshoot = get_int<uint32_t>(c, *l, "recipient_overshoot", "limits.recipient_overshoot",
+                                              L.recipient_overshoot, 0, 100000);
     L.line_length = get_int<uint32_t>(c, *l, "line_length", "limits.line_length", L.line_length, 512, 65536);
     L.errors = get_int<uint32_t>(c, *l, "errors", "limits.errors", L.errors, 1, 1000);
+    L.junk_commands = get_int<uint32_t>(c, *l, "junk_commands", "limits.junk_commands", L.junk_commands, 1, 100000);
     L.idle_timeout = get_int<uint32_t>(c, *l, "idle_timeout", "limits.idle_timeout", L.idle_timeout, 1, 86400);
     L.session_timeout = get_int<uint32_t>(c, *l, "session_timeout", "limits.session_timeout",
                                           L.session_timeout, 1, 86400 * 7);
-    L.connections = get_int<uint32_t>(c, *l, "connections", "limits.connections", L.connections, 1, 1 << 20);
+    // 65536 slots per shard: the completion queue (at most 65536 entries) then still holds
+    // one completion per connection; beyond that, use more shards.
+    L.connections = get_int<uint32_t>(c, *l, "connections", "limits.connections", L.connections, 1, 65536);
+    L.output_buffer = get_int<uint32_t>(c, *l, "output_buffer", "limits.output_buffer", L.output_buffer,
+                                        1024, 64 << 20);
+    L.input_buffer = get_int<uint32_t>(c, *l, "input_buffer", "limits.input_buffer", L.input_buffer,
+                                       4096, 64 << 20);
+    L.send_timeout = get_int<uint32_t>(c, *l, "send_timeout", "limits.send_timeout", L.send_timeout, 1, 86400);
+    L.message_memory = get_int<uint64_t>(c, *l, "message_memory", "limits.message_memory", L.message_memory,
+                                         1 << 20, int64_t(1) << 40);
+    L.shutdown_timeout = get_int<uint32_t>(c, *l, "shutdown_timeout", "limits.shutdown_timeout",
+                                           L.shutdown_timeout, 0, 3600);
+    if (L.input_buffer < L.line_length)
+      c.fail(l->get("input_buffer")->source(), "limits.input_buffer",
+             "must be at least limits.line_length (" + std::to_string(L.line_length) + ")");
     // Every message that can get a 250 must be readable by recovery: its whole record
     // (envelope, recipients, Received: header, content) within the reader's bound.
     if (!spool::record_fits(L.message_size, L.recipients, L.line_length)) {
@@ -238,7 +305,9 @@ config parse(const ctx& c, const toml::table& root) {
   }
 
   if (auto* t = get_table(c, root, "tuning")) {
-    check_keys(c, *t, "tuning.", {"recv_buffers", "recv_buffer_size", "pin_shards"});
+    check_keys(c, *t, "tuning.",
+               {"recv_buffers", "recv_buffer_size", "pin_shards", "listen_backlog", "accept_resume",
+                "ring_entries", "buffer_keep"});
     cfg.tuning.pin_shards = get_bool(c, *t, "pin_shards", "tuning.pin_shards", true);
     cfg.tuning.recv_buffers = get_int<uint32_t>(c, *t, "recv_buffers", "tuning.recv_buffers",
                                                 cfg.tuning.recv_buffers, 1, 32768);
@@ -246,7 +315,41 @@ config parse(const ctx& c, const toml::table& root) {
       c.fail(t->get("recv_buffers")->source(), "tuning.recv_buffers", "must be a power of two");
     cfg.tuning.recv_buffer_size = get_int<uint32_t>(c, *t, "recv_buffer_size", "tuning.recv_buffer_size",
                                                     cfg.tuning.recv_buffer_size, 512, 1 << 20);
+    if (uint64_t(cfg.tuning.recv_buffers) * cfg.tuning.recv_buffer_size > (uint64_t(1) << 30))
+      c.fail(t->get(t->get("recv_buffer_size") ? "recv_buffer_size" : "recv_buffers")->source(),
+             "tuning.recv_buffers",
+             "recv_buffers x recv_buffer_size is " +
+                 std::to_string(uint64_t(cfg.tuning.recv_buffers) * cfg.tuning.recv_buffer_size) +
+                 " bytes per shard; at most 1 GiB");
+    cfg.tuning.listen_backlog = get_int<uint32_t>(c, *t, "listen_backlog", "tuning.listen_backlog",
+                                                  cfg.tuning.listen_backlog, 1, 65535);
+    cfg.tuning.accept_resume = get_int<uint32_t>(c, *t, "accept_resume", "tuning.accept_resume",
+                                                 cfg.tuning.accept_resume, 0, 65536);
+    cfg.tuning.ring_entries = get_int<uint32_t>(c, *t, "ring_entries", "tuning.ring_entries",
+                                                cfg.tuning.ring_entries, 64, 32768);
+    if (cfg.tuning.ring_entries & (cfg.tuning.ring_entries - 1))
+      c.fail(t->get("ring_entries")->source(), "tuning.ring_entries", "must be a power of two");
+    cfg.tuning.buffer_keep = get_int<uint32_t>(c, *t, "buffer_keep", "tuning.buffer_keep",
+                                               cfg.tuning.buffer_keep, 4096, 64 << 20);
   }
+  // Every slot is a file descriptor: a value the process can never open is refused here,
+  // not found out under load as EMFILE (ternd checks the soft limit again at start).
+  {
+    rlimit rl{};
+    unsigned nshards = cfg.shards ? cfg.shards : std::max(1u, std::thread::hardware_concurrency());
+    uint64_t need = uint64_t(nshards) * (cfg.limits.connections + 64) + 256;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && need > rl.rlim_max) {
+      const toml::node* at = nullptr;
+      if (auto* l = root.get("limits"); l && l->as_table()) at = l->as_table()->get("connections");
+      c.fail(at ? at->source() : root.source(), "limits.connections",
+             std::to_string(nshards) + " shard(s) x " + std::to_string(cfg.limits.connections) +
+                 " connections need " + std::to_string(need) +
+                 " file descriptors; RLIMIT_NOFILE allows at most " + std::to_string(rl.rlim_max));
+    }
+  }
+  if (cfg.tuning.accept_resume > cfg.limits.connections)
+    c.fail(root.get("tuning")->as_table()->get("accept_resume")->source(), "tuning.accept_resume",
+           "must not exceed limits.connections (" + std::to_string(cfg.limits.connections) + ")");
   return cfg;
 }
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "net/address.hh"
@@ -20,16 +21,31 @@ struct listener {
   uint32_t proxy_max_header = 4096;
   bool tls = false;
   bool auth = false;
+  // A PROXY health check (v2 LOCAL, v2 UNSPEC/AF_UNIX, v1 UNKNOWN) has no client address:
+  // the session sees the proxy's own. When false (the default) such a session may talk
+  // SMTP but never relays on the strength of the proxy's address matching relay.networks.
+  bool local_relay = false;
+  // Accept a bare LF as the end of a command line (legacy clients). Default: refuse it
+  // with 550 5.5.2 and close, like postfix's smtpd_forbid_bare_newline = reject.
+  bool allow_bare_lf = false;
+  int line = 0;  // where the [[listen]] table starts in the file, for messages
 };
 
 struct limits {
   uint64_t message_size = 10 * 1024 * 1024;  // bytes, SIZE= advertised
-  uint32_t recipients = 1000;                // per message
+  uint32_t recipients = 1000;                // per message; more get 452 4.5.3
+  uint32_t recipient_overshoot = 1000;       // 452s per message before each counts as an error
   uint32_t line_length = 2048;               // SMTP command line, incl. CRLF
   uint32_t errors = 20;                      // per session, then 421 and close
+  uint32_t junk_commands = 100;              // NOOP/RSET/VRFY/HELP per session, then 421 and close
   uint32_t idle_timeout = 300;               // seconds without a complete command/chunk
   uint32_t session_timeout = 1800;           // seconds per connection in total
   uint32_t connections = 1024;               // per shard: session slots
+  uint32_t output_buffer = 64 * 1024;        // unsent reply bytes at which input stops being read
+  uint32_t input_buffer = 256 * 1024;        // unprocessed input bytes at which reading pauses
+  uint32_t send_timeout = 300;               // seconds a send may make no progress
+  uint64_t message_memory = 256ull << 20;    // per shard: bytes of buffered message data
+  uint32_t shutdown_timeout = 5;             // seconds to finish sessions at stop
 };
 
 struct config {
@@ -57,9 +73,18 @@ struct config {
     uint32_t recv_buffers = 1024;      // provided-buffer ring entries per shard (power of 2)
     uint32_t recv_buffer_size = 16384;
     bool pin_shards = true;            // pin shard i to core i % ncpu
+    uint32_t listen_backlog = 4096;    // listen(2) backlog per socket (the kernel caps it at somaxconn)
+    uint32_t accept_resume = 0;        // free slots at which a paused accept resumes; 0 = connections / 16
+    uint32_t ring_entries = 1024;      // io_uring submission queue entries per shard
+    uint32_t buffer_keep = 64 * 1024;  // bytes a session slot's buffers keep between uses
   } tuning;
   std::string log_level = "info";
 };
+
+// A DNS host name as RFC 1035 2.3.1 / RFC 1123 2.1 allow it: dot-separated labels of
+// letters, digits and hyphens, 1 to 63 bytes each, not starting or ending with a hyphen,
+// at most 253 bytes in all, no empty label (no leading, trailing or double dot).
+bool valid_dns_name(std::string_view name) noexcept;
 
 // The configuration used when ternd runs without --config.
 extern const char* const embedded_default;

@@ -18,12 +18,12 @@ constexpr entry table[] = {
     {"RCPT", verb::rcpt, 0},
     {"DATA", verb::data, cmd_sync_after},
     {"BDAT", verb::bdat, 0},
-    {"RSET", verb::rset, 0},
-    {"NOOP", verb::noop, 0},
+    {"RSET", verb::rset, cmd_junk},
+    {"NOOP", verb::noop, cmd_junk},
     {"QUIT", verb::quit, cmd_sync_after},
-    {"VRFY", verb::vrfy, 0},
+    {"VRFY", verb::vrfy, cmd_junk},
     {"EXPN", verb::expn, cmd_counts_error},
-    {"HELP", verb::help, 0},
+    {"HELP", verb::help, cmd_junk},
     {"STARTTLS", verb::starttls, cmd_sync_after | cmd_counts_error},
     {"AUTH", verb::auth, cmd_counts_error},
 };
@@ -42,7 +42,8 @@ bool starts_with_ci(std::string_view s, std::string_view p) noexcept {
 }
 
 // The <path> after "FROM:"/"TO:"; leaves `rest` at what follows the '>'.
-parse_error parse_path(std::string_view& s, std::string_view& addr, bool allow_empty) noexcept {
+parse_error parse_path(std::string_view& s, std::string_view& addr, bool allow_empty,
+                       std::string_view* path = nullptr, bool* routed = nullptr) noexcept {
   while (!s.empty() && s[0] == ' ') s.remove_prefix(1);  // "MAIL FROM: <a@b>" is common
   if (s.empty() || s[0] != '<') return parse_error::syntax;
   bool quoted = false;
@@ -69,12 +70,15 @@ parse_error parse_path(std::string_view& s, std::string_view& addr, bool allow_e
   if (i >= s.size() || quoted) return parse_error::syntax;
   addr = s.substr(1, i - 1);
   s.remove_prefix(i + 1);
+  if (path) *path = addr;
   if (addr.size() > 256) return parse_error::too_long;  // RFC 5321 4.5.3.1.3 path limit
-  // Source routes "<@a,@b:user@d>" are accepted and ignored (RFC 5321 C).
+  // Source routes "<@a,@b:user@d>" are removed (RFC 5321 C: SHOULD ignore); the caller
+  // learns that there was one (relay policy: untrusted clients may not use them).
   if (!addr.empty() && addr[0] == '@') {
     auto colon = addr.find(':');
     if (colon == addr.npos) return parse_error::bad_address;
     addr.remove_prefix(colon + 1);
+    if (routed) *routed = true;
   }
   if (addr.empty()) return allow_empty ? parse_error::none : parse_error::bad_address;
   auto at = addr.rfind('@');
@@ -170,6 +174,56 @@ std::string_view domain_of(std::string_view m) noexcept {
   return at == m.npos ? std::string_view{} : m.substr(at + 1);
 }
 
+bool routed_local_part(std::string_view m) noexcept {
+  auto at = m.rfind('@');
+  if (at == m.npos) return false;
+  // Quotes and backslashes do not hide an operator: the next hop unquotes the local part
+  // ("user@host"@d is user@host@d to postfix's resolver).
+  return m.substr(0, at).find_first_of("@%!") != std::string_view::npos;
+}
+
+bool is_ascii(std::string_view s) noexcept {
+  for (char c : s)
+    if (static_cast<unsigned char>(c) >= 0x80) return false;
+  return true;
+}
+
+bool valid_utf8(std::string_view s) noexcept {
+  size_t i = 0, n = s.size();
+  while (i < n) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len;
+    uint32_t cp;
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;  // continuation byte, C0/C1 overlong lead, or > U+10FFFF lead
+    }
+    if (n - i < len) return false;
+    for (size_t k = 1; k < len; ++k) {
+      auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = cp << 6 | (cc & 0x3F);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+        (cp >= 0xD800 && cp <= 0xDFFF))
+      return false;
+    i += len;
+  }
+  return true;
+}
+
 parse_error parse_mail(std::string_view arg, mail_args& out) noexcept {
   out = mail_args{};
   if (!starts_with_ci(arg, "FROM:")) return parse_error::syntax;
@@ -220,7 +274,8 @@ parse_error parse_rcpt(std::string_view arg, rcpt_args& out) noexcept {
   out = rcpt_args{};
   if (!starts_with_ci(arg, "TO:")) return parse_error::syntax;
   arg.remove_prefix(3);
-  if (auto e = parse_path(arg, out.address, false); e != parse_error::none) return e;
+  if (auto e = parse_path(arg, out.address, false, &out.path, &out.source_route); e != parse_error::none)
+    return e;
   bool seen_notify = false;
   return each_param(arg, out.bad, [&](std::string_view k, std::string_view v, bool) {
     if (iequal(k, "NOTIFY")) {

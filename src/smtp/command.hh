@@ -12,8 +12,10 @@ enum class verb : uint8_t {
 };
 
 // Command table flags (Postfix smtpd_cmd_table): sync_after: the client must wait for the
-// reply before sending more (pipelined bytes after it are a synchronisation error).
-enum cmd_flags : uint8_t { cmd_sync_after = 1, cmd_counts_error = 2 };
+// reply before sending more (pipelined bytes after it are a synchronisation error);
+// junk: does no mail work (NOOP, RSET, VRFY, HELP; postfix counts NOOP, VRFY, ETRN, RSET)
+// and counts toward limits.junk_commands.
+enum cmd_flags : uint8_t { cmd_sync_after = 1, cmd_counts_error = 2, cmd_junk = 4 };
 
 struct command {
   verb v = verb::unknown;
@@ -38,7 +40,9 @@ struct mail_args {
 };
 
 struct rcpt_args {
-  std::string_view address;
+  std::string_view address;  // the mailbox, a source route removed
+  std::string_view path;     // what was inside <>, source route included (for replies)
+  bool source_route = false; // "<@a,@b:user@domain>" (RFC 5321 4.1.2 / C)
   uint8_t notify = 0;  // spool::notify_flags
   std::string_view orcpt;
   std::string_view bad;
@@ -55,5 +59,15 @@ bool parse_bdat(std::string_view arg, uint64_t& size, bool& last) noexcept;
 bool valid_xtext(std::string_view s) noexcept;
 // Domain part of a mailbox (after the last '@'), empty if none.
 std::string_view domain_of(std::string_view mailbox) noexcept;
+
+// The local part (before the last '@') contains a routing operator: '@', '%' or '!',
+// quoted or not ("user%host@d", "user@host@d", "\"user@host\"@d", "a!b!c@d"). Postfix
+// marks such addresses RESOLVE_FLAG_ROUTED (trivial-rewrite resolve.c) whatever its own
+// percent_hack/swap_bangpath settings: the next hop may route on them.
+bool routed_local_part(std::string_view mailbox) noexcept;
+
+bool is_ascii(std::string_view s) noexcept;
+// Well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF).
+bool valid_utf8(std::string_view s) noexcept;
 
 }  // namespace tern::smtp

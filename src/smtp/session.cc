@@ -14,8 +14,6 @@
 namespace tern::smtp {
 namespace {
 
-constexpr size_t shrink_above = 4u << 20;  // give back big message buffers after use
-
 bool has_ctl(std::string_view s) {
   for (char c : s) {
     auto u = static_cast<unsigned char>(c);
@@ -33,6 +31,33 @@ void rfc5322_date(uint64_t us, char (&buf)[64]) {
 
 }  // namespace
 
+conn_info from_socket(const net::address& peer, const config::listener& l) {
+  conn_info ci;
+  ci.client = ci.peer = peer;
+  ci.allow_bare_lf = l.allow_bare_lf;
+  return ci;
+}
+
+conn_info from_proxy(const net::proxy_header& h, const net::address& peer, const config::listener& l) {
+  conn_info ci;
+  ci.peer = peer;
+  ci.proxy_version = h.version;
+  ci.allow_bare_lf = l.allow_bare_lf;
+  if (h.local) {
+    // v2 LOCAL, v2 UNSPEC/AF_UNIX, v1 UNKNOWN: the proxy talking for itself (health
+    // checks). Its address is all we have, and it must not be what grants relaying:
+    // the proxy usually sits in relay.networks (127.0.0.1), and anyone who can make it
+    // send LOCAL would relay through us.
+    ci.client = peer;
+    ci.proxy_local = true;
+    ci.relay_by_address = l.local_relay;
+  } else {
+    ci.client = h.src;
+    ci.proxied = true;
+  }
+  return ci;
+}
+
 void session::reset(const policy* pol, session_host* host, const conn_info& ci) {
   pol_ = pol;
   host_ = host;
@@ -46,7 +71,7 @@ void session::reset(const policy* pol, session_host* host, const conn_info& ci) 
   out_.clear();
   helo_.clear();
   esmtp_ = false;
-  errors_ = n_queued_ = n_cmds_ = n_rejected_ = 0;
+  errors_ = n_queued_ = n_cmds_ = n_rejected_ = n_junk_ = 0;
   reset_transaction();
 }
 
@@ -89,7 +114,7 @@ void session::feed(const char* p, size_t n) {
 }
 
 void session::process() {
-  while (!close_) {
+  while (!close_ && out_.size() < out_limit_) {
     size_t avail = in_.size() - in_off_;
     switch (state_) {
       case state::command: {
@@ -120,7 +145,16 @@ void session::process() {
           continue;
         }
         std::string_view line = rest.substr(0, lf);
-        if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+        if (!line.empty() && line.back() == '\r') {
+          line.remove_suffix(1);
+        } else if (!ci_.allow_bare_lf) {
+          // RFC 5321 2.3.8: lines end in CRLF. A client that ends commands with LF alone
+          // is broken or probing for a parser that disagrees with ours (SMTP smuggling):
+          // answer like postfix's smtpd_forbid_bare_newline = reject and hang up.
+          reply("550 5.5.2 Error: bare <LF> received");
+          close_ = true;
+          return;
+        }
         handle_line(line);
         continue;
       }
@@ -142,6 +176,14 @@ void session::process() {
 void session::handle_line(std::string_view line) {
   ++n_cmds_;
   auto c = parse_command(line);
+  if ((c.flags & cmd_junk) && ++n_junk_ > pol_->limits.junk_commands) {
+    // postfix's smtpd_junk_command_limit, but final: a client that only NOOPs (or RSETs,
+    // VRFYs, HELPs) forever holds a session slot and does no mail work.
+    fmt::format_to(std::back_inserter(out_), "421 4.7.0 {} Error: too many junk commands\r\n",
+                   pol_->hostname);
+    close_ = true;
+    return;
+  }
   switch (c.v) {
     case verb::helo: cmd_helo(c.arg, false); return;
     case verb::ehlo: cmd_helo(c.arg, true); return;
@@ -205,6 +247,12 @@ void session::cmd_mail(std::string_view arg) {
   }
   if (!esmtp_ && (a.size || a.body || a.smtputf8 || a.ret || !a.envid.empty()))
     return reply_error("555 5.5.4 Unsupported option (send EHLO for ESMTP parameters)");
+  if (!is_ascii(a.address)) {
+    // RFC 6531 3.5: a non-ASCII address needs the SMTPUTF8 parameter (553 X.6.7), and
+    // then it must be UTF-8.
+    if (!a.smtputf8) return reply_error("553 5.6.7 Must declare SMTPUTF8 to send unicode address");
+    if (!valid_utf8(a.address)) return reply_error("501 5.1.7 Bad sender address syntax");
+  }
   if (a.size > pol_->limits.message_size)
     return reply_error("552 5.3.4 Message size exceeds fixed limit");
   if (!host_->spool_healthy()) return reply_error("452 4.3.1 Insufficient system storage");
@@ -217,8 +265,12 @@ void session::cmd_mail(std::string_view arg) {
   reply("250 2.1.0 Ok");
 }
 
-bool session::relay_allowed(std::string_view rcpt) const {
-  if (net::any_contains(pol_->relay_networks, ci_.client)) return true;
+bool session::relay_allowed(std::string_view rcpt, bool routed) const {
+  if (ci_.relay_by_address && net::any_contains(pol_->relay_networks, ci_.client)) return true;
+  // postfix allow_untrusted_routing = no: an untrusted client may not use a relay domain
+  // as a stepping stone ("user%other@relaydomain", a source route, ...): the host for
+  // the relay domain may honour the routing and send the mail anywhere.
+  if (routed || routed_local_part(rcpt)) return false;
   auto dom = domain_of(rcpt);
   if (dom.empty() || dom.size() > 255) return false;
   char low[256];
@@ -252,12 +304,24 @@ void session::cmd_rcpt(std::string_view arg) {
   }
   if (!esmtp_ && (a.notify || !a.orcpt.empty()))
     return reply_error("555 5.5.4 Unsupported option (send EHLO for ESMTP parameters)");
+  if (!is_ascii(a.address)) {
+    if (!smtputf8_) return reply_error("553 5.6.7 Must declare SMTPUTF8 to send unicode address");
+    if (!valid_utf8(a.address)) return reply_error("501 5.1.3 Bad recipient address syntax");
+  }
   if (a.address.find('@') == a.address.npos)
     return reply_error("550 5.1.3 Recipient address must include a domain");
-  if (nrcpt_ >= pol_->limits.recipients) return reply_error("452 4.5.3 Error: too many recipients");
-  if (!relay_allowed(a.address)) {
+  if (nrcpt_ >= pol_->limits.recipients) {
+    // RFC 5321 4.5.3.1.8: a 452 here is a normal answer (the client sends the rest in
+    // another transaction), not a client error. Like postfix's
+    // smtpd_recipient_overshoot_limit, only a client that goes on far beyond the limit
+    // starts to collect errors.
+    if (++n_excess_rcpt_ > pol_->limits.recipient_overshoot)
+      return reply_error("452 4.5.3 Error: too many recipients");
+    return reply("452 4.5.3 Error: too many recipients");
+  }
+  if (!relay_allowed(a.address, a.source_route)) {
     ++n_rejected_;
-    fmt::format_to(std::back_inserter(out_), "554 5.7.1 <{}>: Relay access denied\r\n", log::safe{a.address});
+    fmt::format_to(std::back_inserter(out_), "554 5.7.1 <{}>: Relay access denied\r\n", log::safe{a.path});
     return count_error();
   }
   spool::put_rcpt(rcpt_block_, a.address, a.notify, a.orcpt);
@@ -309,8 +373,23 @@ void session::cmd_bdat(std::string_view arg) {
   bdat_refuse_ = refuse;  // answered once the chunk has been read and discarded
 }
 
+// Message buffers grow by a quarter, not by doubling (libstdc++'s reserve doubles), so the
+// memory a message holds stays within 1.25 x its size (at least 8 KiB): the shard's
+// message_memory budget counts capacity, and a 10 MiB message should not hold 16 MiB.
+// (Small messages stay within tuning.buffer_keep, so the steady state reuses the buffer.)
+void session::grow_message(size_t extra) {
+  size_t need = msg_.size() + extra;
+  if (need <= msg_.capacity()) return;
+  size_t want = std::max({need, msg_.capacity() + msg_.capacity() / 4, size_t(8192)});
+  std::string t;
+  t.reserve(want);  // from empty: exactly `want`
+  t.append(msg_);
+  msg_.swap(t);
+}
+
 void session::step_data() {
   size_t avail = in_.size() - in_off_;
+  if (dot_.size() <= pol_->limits.message_size) grow_message(avail);
   size_t used = dot_.feed(in_.data() + in_off_, avail, msg_);
   in_off_ += used;
   if (dot_.done()) finish_message(dot_.bare_cr() || dot_.bare_lf(), dot_.nul(), dot_.too_big());
@@ -322,7 +401,10 @@ void session::step_bdat() {
   const char* p = in_.data() + in_off_;
   if (bdat_ok_) {
     eol_.feed(p, take);
-    if (bdat_total_ + take <= pol_->limits.message_size) msg_.append(p, take);
+    if (bdat_total_ + take <= pol_->limits.message_size) {
+      grow_message(take);
+      msg_.append(p, take);
+    }
     bdat_total_ += take;
   }
   in_off_ += take;
@@ -367,16 +449,38 @@ void session::begin_message() {
   char date[64];
   rfc5322_date(now, date);
   // Received: (RFC 5321 4.4) with the real client address, from PROXY when trusted.
-  fmt::format_to(std::back_inserter(msg_), "Received: from {} ({}[{}])\r\n\tby {} (tern) with {} id {}",
-                 log::safe{helo_, 255}, ci_.client.family() == AF_INET6 ? "IPv6:" : "", client_ip_,
-                 pol_->hostname, esmtp_ ? (smtputf8_ ? "UTF8SMTP" : "ESMTP") : "SMTP",
-                 std::string_view(id_, queue_id_len));
-  if (nrcpt_ == 1)
-    fmt::format_to(std::back_inserter(msg_), "\r\n\tfor <{}>", log::safe{first_rcpt_, 256});
+  // "from" is followed by what we know, the address literal; the HELO name is only a
+  // sanitised token in the comment ("from [addr] (helo=name)"), so a HELO such as
+  // "x ([6.6.6.6]) by mx.trusted.example" cannot forge structure (RFC 5321 4.4
+  // Extended-Domain = address-literal FWS "(" TCP-info ")").
+  fmt::format_to(std::back_inserter(msg_), "Received: from [{}{}] (helo=", ci_.client.family() == AF_INET6 ? "IPv6:" : "",
+                 client_ip_);
+  put_received_helo();
+  // RFC 6531 3.7.3: "UTF8SMTP" is ESMTP with SMTPUTF8.
+  fmt::format_to(std::back_inserter(msg_), ")\r\n\tby {} (tern) with {} id {}", pol_->hostname,
+                 esmtp_ ? (smtputf8_ ? "UTF8SMTP" : "ESMTP") : "SMTP", std::string_view(id_, queue_id_len));
+  // The recipient was validated by parse_rcpt (no controls, no CR/LF) and is ASCII unless
+  // the transaction is SMTPUTF8, in which case it is valid UTF-8 and stays as it is.
+  if (nrcpt_ == 1) {
+    msg_.append("\r\n\tfor <");
+    msg_.append(first_rcpt_);
+    msg_.push_back('>');
+  }
   fmt::format_to(std::back_inserter(msg_), "; {}\r\n", date);
   dot_.reset(pol_->limits.message_size);
   eol_.reset();
   bdat_total_ = 0;
+}
+
+void session::put_received_helo() {
+  // A token: letters, digits and "-._:" pass (host names, and the inside of address
+  // literals); anything else, including space ( ) [ ] ; \ " controls and non-ASCII,
+  // becomes '?'. HELO is at most 255 bytes (cmd_helo).
+  for (char c : helo_) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+              c == '.' || c == '_' || c == ':';
+    msg_.push_back(ok ? c : '?');
+  }
 }
 
 void session::finish_message(bool bare, bool nul, bool too_big) {
@@ -407,6 +511,7 @@ void session::commit_done(bool ok) {
   state_ = state::command;
   if (ok) {
     ++n_queued_;
+    n_junk_ = 0;  // like postfix: the junk count starts again after mail is queued
     fmt::format_to(std::back_inserter(out_), "250 2.0.0 Ok: queued as {}\r\n", std::string_view(id_, queue_id_len));
     if (log::enabled(log::level::info)) {
       std::string_view id(id_, queue_id_len);
@@ -429,13 +534,28 @@ void session::reset_transaction() {
   smtputf8_ = false;
   rcpt_block_.clear();
   first_rcpt_.clear();
-  nrcpt_ = 0;
+  nrcpt_ = n_excess_rcpt_ = 0;
   bdat_used_ = bdat_failed_ = false;
   bdat_total_ = 0;
   if (state_ != state::commit_wait) {
-    if (msg_.capacity() > shrink_above) std::string().swap(msg_);
+    if (msg_.capacity() > pol_->buffer_keep) std::string().swap(msg_);
     msg_.clear();
   }
+}
+
+void session::trim() noexcept {
+  size_t keep = pol_ ? pol_->buffer_keep : 0;
+  auto shrink = [keep](std::string& b) {
+    if (b.capacity() > keep) std::string().swap(b);
+  };
+  if (in_off_ == in_.size()) {
+    in_.clear();
+    in_off_ = 0;
+    shrink(in_);
+  }
+  if (out_.empty()) shrink(out_);
+  if (state_ != state::commit_wait && !receiving_message() && msg_.empty()) shrink(msg_);
+  if (rcpt_block_.empty()) shrink(rcpt_block_);
 }
 
 void session::idle_timeout() {
@@ -459,9 +579,11 @@ void session::shutdown() {
 
 void session::log_disconnect(bool lost) const {
   if (!log::enabled(log::level::info)) return;
+  // A PROXY health check says so ("proxy_local_v2"): its address is the proxy's own.
   log::info("{} from unknown[{}]{}{}{}{}{}{}{} commands={} queued={} rejected={} errors={}",
             lost ? "lost connection" : "disconnect", client_ip_, ci_.proxied ? " proxy=[" : "", peer_ip_,
-            ci_.proxied ? "] proxy_v" : "", ci_.proxied ? (ci_.proxy_version == 1 ? "1" : "2") : "",
+            ci_.proxied ? "] proxy_v" : (ci_.proxy_local ? " proxy_local_v" : ""),
+            ci_.proxied || ci_.proxy_local ? (ci_.proxy_version == 1 ? "1" : "2") : "",
             helo_.empty() ? "" : " helo=<", log::safe{helo_, helo_.empty() ? 0u : 256u}, helo_.empty() ? "" : ">",
             n_cmds_, n_queued_, n_rejected_, errors_);
 }

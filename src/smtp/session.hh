@@ -11,7 +11,15 @@
 // commit_done(ok) once the group-commit fdatasync has completed: only then is the 250 sent.
 //
 // Trust: all input is untrusted. Lines are bounded (limits.line_length), messages by
-// limits.message_size, recipients by limits.recipients, errors by limits.errors.
+// limits.message_size, recipients by limits.recipients (+ limits.recipient_overshoot
+// before excess RCPTs count as errors), errors by limits.errors, commands that do no
+// mail work by limits.junk_commands. Command lines end in CRLF only (a bare LF closes
+// the session unless the listener has allow_bare_lf). Relay permission comes from the
+// client address (relay.networks, unless conn_info says the address is not the
+// client's) or from the recipient domain (relay.domains) when the recipient carries no
+// routing (source route, or '@' '%' '!' in the local part). Client text that reaches
+// the Received: header (HELO) is reduced to a token; addresses are validated first
+// (non-ASCII needs SMTPUTF8 and valid UTF-8).
 #include <cstdint>
 #include <span>
 #include <string>
@@ -19,6 +27,7 @@
 #include <vector>
 
 #include "net/address.hh"
+#include "net/proxy.hh"
 #include "src/config/config.hh"
 #include "src/smtp/data.hh"
 
@@ -41,14 +50,29 @@ struct policy {
   config::limits limits;
   std::vector<net::cidr> relay_networks;
   std::vector<std::string> relay_domains;
+  size_t buffer_keep = 64 * 1024;  // capacity a buffer keeps between uses; more is given back
 };
 
 struct conn_info {
   net::address client;  // the client as trusted: PROXY source when a trusted proxy sent one
   net::address peer;    // the socket peer
-  bool proxied = false;
+  bool proxied = false;      // client came from a PROXY header
+  bool proxy_local = false;  // PROXY LOCAL/UNKNOWN/UNSPEC/UNIX: a health check, client = peer
   uint8_t proxy_version = 0;
+  // The client address may grant relay permission through relay.networks. False for a
+  // PROXY health check unless the listener sets local_relay: there `client` is the
+  // proxy's own address, which says nothing about who is really talking.
+  bool relay_by_address = true;
+  bool allow_bare_lf = false;  // listener: accept LF alone as a command line end
 };
+
+// What the shard calls to describe a new connection to its session.
+// A plain listener: the socket peer is the client.
+conn_info from_socket(const net::address& peer, const config::listener& l);
+// A proxy_protocol listener, once parse_proxy() said done: the header's source for a
+// proxied connection; for a health check (h.local) the socket peer, without relay
+// permission by address unless l.local_relay.
+conn_info from_proxy(const net::proxy_header& h, const net::address& peer, const config::listener& l);
 
 class session {
  public:
@@ -83,6 +107,17 @@ class session {
   void commit_done(bool ok);
   // Bytes received but not yet processed (the shard pauses reading when this grows).
   size_t pending_input() const noexcept { return in_.size() - in_off_; }
+  // Output waiting for take_output(). process() stops (and resumes at the next call) once
+  // this reaches the limit: a client that pipelines commands and never reads its replies
+  // cannot make the session buffer replies without bound.
+  size_t output_size() const noexcept { return out_.size(); }
+  void set_output_limit(size_t n) noexcept { out_limit_ = n; }
+  // Memory held by the message buffer (the shard's message_memory budget counts it).
+  size_t message_bytes() const noexcept { return msg_.capacity(); }
+  // Reading DATA or BDAT content: the state in which message memory grows.
+  bool receiving_message() const noexcept { return state_ == state::data || state_ == state::bdat; }
+  // Give back buffer capacity above policy.buffer_keep (idle between uses).
+  void trim() noexcept;
 
   // Timeouts, decided by the shard's clock.
   void idle_timeout();
@@ -92,6 +127,7 @@ class session {
   // One line for the connection, postfix-style, at disconnect.
   void log_disconnect(bool lost) const;
 
+  const std::string& client_ip() const noexcept { return client_ip_; }
   // Counters for logs and metrics.
   uint32_t messages() const noexcept { return n_queued_; }
   uint32_t errors() const noexcept { return errors_; }
@@ -110,7 +146,9 @@ class session {
   void reset_transaction();
   void begin_message();
   void finish_message(bool bare, bool nul, bool too_big);
-  bool relay_allowed(std::string_view rcpt) const;
+  bool relay_allowed(std::string_view rcpt, bool routed) const;
+  void put_received_helo();
+  void grow_message(size_t extra);
   void step_data();
   void step_bdat();
 
@@ -127,6 +165,7 @@ class session {
   std::string in_;
   size_t in_off_ = 0;
   std::string out_;
+  size_t out_limit_ = SIZE_MAX;
 
   // Session
   std::string helo_;
@@ -135,6 +174,7 @@ class session {
   uint32_t n_queued_ = 0;
   uint32_t n_cmds_ = 0;
   uint32_t n_rejected_ = 0;
+  uint32_t n_junk_ = 0;  // junk commands since the session started or last queued a message
 
   // Transaction
   bool have_mail_ = false;
@@ -145,6 +185,7 @@ class session {
   std::string rcpt_block_;  // recipients encoded as spool records want them
   std::string first_rcpt_;
   uint32_t nrcpt_ = 0;
+  uint32_t n_excess_rcpt_ = 0;  // RCPTs over limits.recipients in this transaction
   bool bdat_used_ = false;
   bool bdat_failed_ = false;  // this transaction's BDAT was refused; swallow the rest
 

@@ -1,6 +1,9 @@
 """Durability: a 250 means the message is on disk. kill -9 at random moments under load,
 restart, and every acknowledged message is in the spool, intact; nothing half-written
-counts as a message. And a full disk: 451 for the batch, refusal until space returns."""
+counts as a message. And a full disk: 451 for the batch, refusal until space returns.
+
+The kill times are random: a run prints seed=N (pytest shows it with a failure), and
+TERN_SEED=N replays the same schedule."""
 import json
 import os
 import random
@@ -14,6 +17,12 @@ import uuid
 import pytest
 
 from conftest import TERN_SPOOL, recv_reply
+
+
+def seed():
+    s = int(os.environ.get("TERN_SEED") or random.SystemRandom().randrange(1, 2**31))
+    print(f"seed={s} (replay with TERN_SEED={s})")
+    return s
 
 
 def sender(port, acked, stop, errors):
@@ -54,7 +63,7 @@ def sender(port, acked, stop, errors):
 def test_kill9_never_loses_an_acknowledged_message(ternd_factory):
     t = ternd_factory(shards=2, limits={"connections": 64})
     acked, rounds = {}, 4
-    rng = random.Random(os.getpid())
+    rng = random.Random(seed())
     for _ in range(rounds):
         t.start()
         stop, errors = threading.Event(), []

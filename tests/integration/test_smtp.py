@@ -30,7 +30,7 @@ def test_smtplib_message_is_spooled_with_envelope_and_received(ternd):
     assert m["recipients"][0]["notify"] == "FAILURE"
     assert m["client"] == "127.0.0.1"
     assert m["helo"] == "client.test"
-    assert m["content"].startswith("Received: from client.test ([127.0.0.1])\r\n\tby relay.test (tern) with ESMTP id ")
+    assert m["content"].startswith("Received: from [127.0.0.1] (helo=client.test)\r\n\tby relay.test (tern) with ESMTP id ")
     assert m["content"].endswith("\r\n\r\nfirst line\r\n.starts with a dot\r\n")
     assert ternd.wait_log(f"{q[0]['id']}: client=unknown[127.0.0.1], helo=<client.test>, from=<alice@example.org>"), ternd.log()[-3000:]
 
@@ -227,7 +227,7 @@ def test_ipv6_listener_and_relay_network(ternd_factory):
         c.sendmail("a@example.org", ["b@example.net"], b"Subject: v6\r\n\r\nx\r\n")
     m = t.spool_dump(t.spool_list()[0]["id"])
     assert m["client"] == "::1"
-    assert m["content"].startswith("Received: from v6.test (IPv6:[::1])\r\n"), m["content"][:80]
+    assert m["content"].startswith("Received: from [IPv6:::1] (helo=v6.test)\r\n"), m["content"][:80]
     # An IPv6 client outside the relay networks may only send to relay domains.
     t2 = ternd_factory(listens=[{"address": f"[::1]:{free_port('::1')}"}], networks=["2001:db8::/32"]).start()
     out = smtp_dialogue(int(t2.listens[0]["address"].rsplit(":", 1)[1]),

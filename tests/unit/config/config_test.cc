@@ -120,3 +120,106 @@ TEST(Config, MissingFile) {
   EXPECT_FALSE(load_file("/nonexistent/tern.toml", err));
   EXPECT_EQ(err, "/nonexistent/tern.toml:0: (file): cannot open: No such file or directory");
 }
+
+TEST(Config, ListenerPolicyKeysAndJunkLimit) {
+  std::string err;
+  auto c = load_string(R"(
+[[listen]]
+address = "127.0.0.1:25"
+allow_bare_lf = true
+[[listen]]
+address = "127.0.0.1:26"
+proxy_protocol = true
+trusted_proxies = ["127.0.0.1"]
+local_relay = true
+[limits]
+junk_commands = 7
+recipient_overshoot = 0
+)", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_TRUE(c->listen[0].allow_bare_lf);
+  EXPECT_FALSE(c->listen[0].local_relay);
+  EXPECT_FALSE(c->listen[1].allow_bare_lf);
+  EXPECT_TRUE(c->listen[1].local_relay);
+  EXPECT_EQ(c->limits.junk_commands, 7u);
+  EXPECT_EQ(c->limits.recipient_overshoot, 0u);
+  // Defaults.
+  auto d = load_string("[[listen]]\naddress = \"127.0.0.1:25\"\n", "t.toml", err);
+  ASSERT_TRUE(d) << err;
+  EXPECT_FALSE(d->listen[0].allow_bare_lf);
+  EXPECT_FALSE(d->listen[0].local_relay);
+  EXPECT_EQ(d->limits.junk_commands, 100u);
+  EXPECT_EQ(d->limits.recipient_overshoot, 1000u);
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\nlocal_relay = true\n"),
+            "t.toml:3: listen.local_relay: only meaningful with proxy_protocol = true");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[limits]\njunk_commands = 0\n"),
+            "t.toml:4: limits.junk_commands: must be between 1 and 100000");
+}
+
+TEST(Config, OverlappingListenersAreRefused) {
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
+            "t.toml:4: listen.address: \"127.0.0.1:25\" overlaps the listener \"127.0.0.1:25\" at line 1 "
+            "(same port, same or wildcard address)");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"0.0.0.0:25\"\n\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
+            "t.toml:5: listen.address: \"127.0.0.1:25\" overlaps the listener \"0.0.0.0:25\" at line 1 "
+            "(same port, same or wildcard address)");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"[2001:db8::1]:25\"\n[[listen]]\naddress = \"[::]:25\"\n"),
+            "t.toml:4: listen.address: \"[::]:25\" overlaps the listener \"[2001:db8::1]:25\" at line 1 "
+            "(same port, same or wildcard address)");
+  // The same address spelled differently is the same listener.
+  EXPECT_NE(error_of("[[listen]]\naddress = \"[::1]:25\"\n[[listen]]\naddress = \"[0:0::1]:25\"\n").find("overlaps"),
+            std::string::npos);
+  // Different ports, different specific addresses, [::] vs 0.0.0.0 (IPv6 sockets are
+  // V6ONLY) and port 0 (each listener gets its own free port) do not overlap.
+  std::string err;
+  EXPECT_TRUE(load_string("[[listen]]\naddress = \"0.0.0.0:25\"\n[[listen]]\naddress = \"0.0.0.0:587\"\n"
+                          "[[listen]]\naddress = \"[::]:25\"\n[[listen]]\naddress = \"127.0.0.1:2525\"\n"
+                          "[[listen]]\naddress = \"127.0.0.2:2525\"\n"
+                          "[[listen]]\naddress = \"127.0.0.1:0\"\n[[listen]]\naddress = \"127.0.0.1:0\"\n",
+                          "t.toml", err))
+      << err;
+}
+
+TEST(Config, HostnameAndRelayDomainsMustBeDnsNames) {
+  const char* L = "[[listen]]\naddress = \"127.0.0.1:25\"\n";
+  EXPECT_EQ(error_of(std::string("hostname = \"mx_1.example.net\"\n") + L),
+            "t.toml:1: hostname: \"mx_1.example.net\" is not a valid DNS host name (labels of letters, digits "
+            "and '-', 1 to 63 bytes, 253 in all)");
+  for (const char* bad : {"-mx.example.net", "mx-.example.net", "mx..example.net", ".example.net",
+                          "example.net.", "mx example.net", "exa(mple).net", ""})
+    EXPECT_NE(error_of(std::string("hostname = \"") + bad + "\"\n" + L).find("t.toml:1: hostname: "),
+              std::string::npos)
+        << bad;
+  std::string long_label(64, 'a');
+  EXPECT_NE(error_of("hostname = \"" + long_label + ".example\"\n" + L).find("hostname:"), std::string::npos);
+  EXPECT_EQ(error_of(std::string(L) + "[relay]\ndomains = [\"ok.example\", \"bad_domain.example\"]\n"),
+            "t.toml:4: relay.domains: \"bad_domain.example\" is not a valid DNS domain name (\".example.org\" "
+            "for subdomains)");
+  EXPECT_NE(error_of(std::string(L) + "[relay]\ndomains = [\"..example.org\"]\n").find("relay.domains"),
+            std::string::npos);
+  EXPECT_NE(error_of(std::string(L) + "[relay]\ndomains = [\"a;b.example\"]\n").find("relay.domains"),
+            std::string::npos);
+  std::string err;
+  EXPECT_TRUE(load_string(std::string("hostname = \"mx-1.Example.NET\"\n") + L +
+                              "[relay]\ndomains = [\".sub.example.org\", \"x1.example\"]\n",
+                          "t.toml", err))
+      << err;
+}
+
+TEST(Config, ValidDnsName) {
+  EXPECT_TRUE(valid_dns_name("a"));
+  EXPECT_TRUE(valid_dns_name("localhost"));
+  EXPECT_TRUE(valid_dns_name("xn--bcher-kva.example"));
+  EXPECT_TRUE(valid_dns_name(std::string(63, 'a') + ".b"));
+  EXPECT_FALSE(valid_dns_name(std::string(64, 'a') + ".b"));
+  std::string n;
+  for (int i = 0; i < 25; ++i) n += "abcdefghi.";
+  n += "abc";
+  ASSERT_EQ(n.size(), 253u);
+  EXPECT_TRUE(valid_dns_name(n)) << n;
+  EXPECT_FALSE(valid_dns_name(n + "x"));
+  EXPECT_FALSE(valid_dns_name("a.-b"));
+  EXPECT_FALSE(valid_dns_name("a.b-"));
+  EXPECT_FALSE(valid_dns_name("1.2.3.4]"));
+  EXPECT_FALSE(valid_dns_name("caf\xc3\xa9.example"));  // U-labels: write the A-label
+}

@@ -90,12 +90,46 @@ TEST(ProxyV1, Rejects) {
 TEST(ProxyV1, LongerThan107BytesIsAnError) {
   std::string s = "PROXY UNKNOWN " + std::string(200, 'a');
   proxy_header h;
-  EXPECT_EQ(parse(s.substr(0, 106), h).status, proxy_status::need_more);
+  // 105 bytes without a CR: the CR may still come at index 105 (a 107-byte line).
+  EXPECT_EQ(parse(s.substr(0, 105), h).status, proxy_status::need_more);
+  // 106 bytes without a CR: the line would be 108 bytes or more.
+  EXPECT_EQ(parse(s.substr(0, 106), h).status, proxy_status::error);
   EXPECT_EQ(parse(s.substr(0, 107), h).status, proxy_status::error);
-  // Exactly 107 bytes including CRLF is allowed.
+  // Exactly 107 bytes including CRLF is allowed, also when split byte by byte.
   std::string ok = "PROXY UNKNOWN " + std::string(107 - 14 - 2, 'a') + "\r\n";
   ASSERT_EQ(ok.size(), 107u);
   EXPECT_EQ(parse(ok, h).status, proxy_status::done);
+  expect_split(ok);
+}
+
+// Regression: a 108-byte v1 line (CR at index 106) was accepted; the spec's worst case
+// is 107 bytes including the CRLF.
+TEST(ProxyV1, Exactly108BytesIsAnError) {
+  std::string bad = "PROXY UNKNOWN " + std::string(108 - 14 - 2, 'a') + "\r\n";
+  ASSERT_EQ(bad.size(), 108u);
+  proxy_header h;
+  auto r = parse(bad, h);
+  EXPECT_EQ(r.status, proxy_status::error);
+  EXPECT_STREQ(r.error, "PROXY v1: header longer than 107 bytes");
+  // And a TCP6 line padded to 108 bytes is refused too, not just UNKNOWN.
+  std::string tcp6 = "PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n";
+  ASSERT_EQ(tcp6.size(), 104u);
+  EXPECT_EQ(parse(tcp6, h).status, proxy_status::done);
+}
+
+// Regression: "... 25 \r\n" (a space before the CRLF) was accepted.
+TEST(ProxyV1, TrailingSpaceBeforeCrlfIsAnError) {
+  proxy_header h;
+  for (const char* b : {"PROXY TCP4 198.18.0.1 198.18.0.2 12345 25 \r\n",
+                        "PROXY TCP6 2001:db8::1 2001:db8::2 1 2 \r\n", "PROXY UNKNOWN \r\n",
+                        "PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2 \r\n"}) {
+    auto r = parse(b, h);
+    EXPECT_EQ(r.status, proxy_status::error) << b;
+    EXPECT_STREQ(r.error, "PROXY v1: space before CRLF") << b;
+  }
+  // Without the space these are fine.
+  EXPECT_EQ(parse("PROXY TCP4 198.18.0.1 198.18.0.2 12345 25\r\n", h).status, proxy_status::done);
+  EXPECT_EQ(parse("PROXY UNKNOWN\r\n", h).status, proxy_status::done);
 }
 
 TEST(ProxyV2, Tcp4WithTlvsSplitByteByByte) {

@@ -95,3 +95,37 @@ TEST(Command, Xtext) {
   EXPECT_FALSE(valid_xtext("a b"));
   EXPECT_FALSE(valid_xtext("a=b"));
 }
+
+TEST(Command, JunkFlags) {
+  for (const char* j : {"NOOP", "RSET", "VRFY x", "HELP"}) EXPECT_TRUE(parse_command(j).flags & cmd_junk) << j;
+  for (const char* n : {"EHLO x", "HELO x", "MAIL FROM:<>", "RCPT TO:<a@b>", "DATA", "QUIT", "BDAT 1", "XYZZY"})
+    EXPECT_FALSE(parse_command(n).flags & cmd_junk) << n;
+}
+
+TEST(Command, SourceRouteIsReported) {
+  rcpt_args r;
+  ASSERT_EQ(parse_rcpt("TO:<@a.test,@b.test:u@d.test>", r), parse_error::none);
+  EXPECT_EQ(r.address, "u@d.test");
+  EXPECT_EQ(r.path, "@a.test,@b.test:u@d.test");
+  EXPECT_TRUE(r.source_route);
+  ASSERT_EQ(parse_rcpt("TO:<u@d.test>", r), parse_error::none);
+  EXPECT_FALSE(r.source_route);
+  EXPECT_EQ(r.path, "u@d.test");
+}
+
+TEST(Command, RoutedLocalPart) {
+  for (const char* m : {"u%h@d", "u@h@d", "\"u@h\"@d", "a!b!c@d", "\"a%b\"@d", "u\\@h@d", "!@d", "%@d"})
+    EXPECT_TRUE(routed_local_part(m)) << m;
+  for (const char* m : {"u@d", "u.v+w@d", "\"u v\"@d", "postmaster", "u@h%d", "u@d!x", ""})
+    EXPECT_FALSE(routed_local_part(m)) << m;
+}
+
+TEST(Command, Utf8) {
+  EXPECT_TRUE(is_ascii("abc~\x7f"));
+  EXPECT_FALSE(is_ascii("d\xc3\xb6rte"));
+  EXPECT_TRUE(valid_utf8("d\xc3\xb6rte \xe7\x94\xa8 \xf0\x9f\x93\xa7"));
+  EXPECT_TRUE(valid_utf8(""));
+  for (const char* bad : {"\xc3", "\xc3(", "\x80", "\xc0\xaf", "\xe0\x80\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80",
+                          "\xf8\x88\x80\x80\x80", "\xff", "\xe7\x94"})
+    EXPECT_FALSE(valid_utf8(bad)) << bad;
+}
