@@ -1,6 +1,11 @@
 #include "spool/record.hh"
 
+#include <sys/random.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <ctime>
 
 #include "src/core/bytes.hh"
 #include "src/core/crc32c.hh"
@@ -22,11 +27,55 @@ size_t begin_record(std::string& buf, record_type t) {
   return start;
 }
 
+namespace {
+// CRC over bytes 4..12 (length, type, version, reserved) and the payload: not the nonce.
+uint32_t record_crc(const unsigned char* p, size_t len) noexcept {
+  uint32_t c = crc32c(0, p + 4, 8);
+  return crc32c(c, p + record_header_size, len);
+}
+}  // namespace
+
 void finish_record(std::string& buf, size_t start) noexcept {
   char* p = buf.data() + start;
   size_t len = buf.size() - start - record_header_size;
   store_le32(p + 4, static_cast<uint32_t>(len));
-  store_le32(p, crc32c(0, p + 4, buf.size() - start - 4));
+  store_le32(p, record_crc(reinterpret_cast<const unsigned char*>(p), len));
+}
+
+void set_record_nonce(char* rec, uint64_t nonce) noexcept {
+  store_le32(rec + record_nonce_offset, static_cast<uint32_t>(nonce));
+  store_le32(rec + record_nonce_offset + 4, static_cast<uint32_t>(nonce >> 32));
+}
+
+uint64_t record_nonce(const unsigned char* rec) noexcept { return load_le64(rec + record_nonce_offset); }
+
+uint64_t new_nonce() noexcept {
+  uint64_t n = 0;
+  for (;;) {
+    ssize_t r = getrandom(&n, sizeof n, 0);
+    if (r == static_cast<ssize_t>(sizeof n) && n != 0) return n;
+    if (r < 0 && errno != EINTR) {
+      // getrandom cannot fail on Linux >= 3.17 once the pool is ready; never return a
+      // predictable value silently: mix the clock as a last resort and say nothing more.
+      timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      n ^= uint64_t(ts.tv_nsec) * 0x9E3779B97F4A7C15ull ^ uint64_t(ts.tv_sec);
+      if (n) return n;
+    }
+  }
+}
+
+const char* fault_text(record_fault f) noexcept {
+  switch (f) {
+    case record_fault::none: return "ok";
+    case record_fault::short_header: return "record header cut short";
+    case record_fault::bad_nonce: return "not a record of this segment (nonce mismatch)";
+    case record_fault::bad_length: return "record length out of bounds";
+    case record_fault::past_eof: return "record runs past the end of the file";
+    case record_fault::bad_type: return "unknown record type or version";
+    case record_fault::bad_crc: return "CRC32C mismatch";
+  }
+  return "?";
 }
 
 void put_message_head(std::string& b, const envelope_in& e, uint32_t nrcpt) {
@@ -51,48 +100,65 @@ void put_rcpt(std::string& b, std::string_view addr, uint8_t notify, std::string
 }
 
 void encode_segment_header(std::string& buf, uint32_t shard, uint64_t segment_id,
-                           uint64_t created_us) {
+                           uint64_t created_us, uint64_t nonce) {
   size_t s = begin_record(buf, record_type::segment);
   buf.append(segment_magic);
   put_u32(buf, shard);
   put_u64(buf, segment_id);
   put_u64(buf, created_us);
   finish_record(buf, s);
+  set_record_nonce(buf.data() + s, nonce);
 }
 
-void encode_done(std::string& buf, std::string_view id) {
+void encode_done(std::string& buf, std::string_view id, uint64_t nonce) {
   size_t s = begin_record(buf, record_type::done);
   put_str16(buf, id);
   finish_record(buf, s);
+  set_record_nonce(buf.data() + s, nonce);
+}
+
+namespace {
+read_status check_record(std::span<const unsigned char> data, size_t off, const uint64_t* nonce,
+                         record_view& out, record_fault& fault, uint64_t* crc_bytes) noexcept {
+  if (off >= data.size()) return read_status::end;
+  size_t rem = data.size() - off;
+  const unsigned char* p = data.data() + off;
+  auto bad = [&](record_fault f) {
+    fault = f;
+    return read_status::bad;
+  };
+  if (rem < record_header_size) return bad(record_fault::short_header);
+  if (nonce && load_le64(p + record_nonce_offset) != *nonce) return bad(record_fault::bad_nonce);
+  uint32_t crc = load_le32(p), len = load_le32(p + 4);
+  if (len > max_record_len) return bad(record_fault::bad_length);
+  if (rem - record_header_size < len) return bad(record_fault::past_eof);
+  uint8_t type = p[8], ver = p[9];
+  if (type < 1 || type > 4 || ver != record_version || p[10] != 0 || p[11] != 0)
+    return bad(record_fault::bad_type);
+  if (crc_bytes) *crc_bytes += 8 + len;
+  if (record_crc(p, len) != crc) return bad(record_fault::bad_crc);
+  out.type = static_cast<record_type>(type);
+  out.payload = std::string_view(reinterpret_cast<const char*>(p + record_header_size), len);
+  out.size = record_header_size + len;
+  fault = record_fault::none;
+  return read_status::ok;
+}
+}  // namespace
+
+read_status read_record(std::span<const unsigned char> data, size_t off, uint64_t nonce,
+                        record_view& out, record_fault* fault, uint64_t* crc_bytes) noexcept {
+  record_fault f = record_fault::none;
+  auto s = check_record(data, off, &nonce, out, f, crc_bytes);
+  if (fault) *fault = f;
+  return s;
 }
 
 read_status read_record(std::span<const unsigned char> data, size_t off, record_view& out,
                         const char** why) noexcept {
-  auto say = [&](const char* w, read_status s) {
-    if (why) *why = w;
-    return s;
-  };
-  if (off >= data.size()) return read_status::end;
-  size_t rem = data.size() - off;
-  const unsigned char* p = data.data() + off;
-  if (rem < record_header_size) return say("record header cut short", read_status::torn);
-  uint32_t crc = load_le32(p), len = load_le32(p + 4);
-  uint8_t type = p[8], ver = p[9];
-  if (len > max_record_len) {
-    return say("record length out of bounds",
-               rem <= record_header_size + 0u ? read_status::torn : read_status::corrupt);
-  }
-  if (rem - record_header_size < len) return say("record cut short", read_status::torn);
-  size_t total = record_header_size + len;
-  bool last = total == rem;
-  if (crc32c(0, p + 4, total - 4) != crc)
-    return say("CRC32C mismatch", last ? read_status::torn : read_status::corrupt);
-  if (type < 1 || type > 4 || ver != record_version || p[10] != 0 || p[11] != 0)
-    return say("unknown record type or version", read_status::corrupt);
-  out.type = static_cast<record_type>(type);
-  out.payload = std::string_view(reinterpret_cast<const char*>(p + record_header_size), len);
-  out.size = total;
-  return read_status::ok;
+  record_fault f = record_fault::none;
+  auto s = check_record(data, off, nullptr, out, f, nullptr);
+  if (why && s == read_status::bad) *why = fault_text(f);
+  return s;
 }
 
 bool decode_message(std::string_view payload, message_view& m) noexcept {
@@ -127,7 +193,7 @@ bool decode_message(std::string_view payload, message_view& m) noexcept {
 }
 
 bool decode_segment_header(std::string_view payload, segment_view& out) noexcept {
-  if (payload.size() != segment_magic.size() + 20 || payload.substr(0, 8) != segment_magic)
+  if (payload.size() != segment_header_payload_size || payload.substr(0, 8) != segment_magic)
     return false;
   byte_reader r(reinterpret_cast<const unsigned char*>(payload.data()) + 8, payload.size() - 8);
   out.shard = r.u32();

@@ -53,22 +53,41 @@ std::string base(const std::string& p) {
   return s == p.npos ? p : p.substr(s + 1);
 }
 
+const char* kind_text(damage_kind k) {
+  switch (k) {
+    case damage_kind::corrupt: return "corrupt region";
+    case damage_kind::tail: return "damaged last record";
+    case damage_kind::torn: return "torn tail";
+  }
+  return "?";
+}
+
 }  // namespace
+
+std::string describe(const std::string& segment, const damage& d) {
+  return fmt::format("{}: {} at {}..{} ({} bytes, crc32c {:08x}): {}", segment, kind_text(d.kind), d.begin, d.end,
+                     d.end - d.begin, d.crc, d.why);
+}
 
 bool recover_spool(const std::string& dir, bool repair, std::vector<queued_message>& queue,
                    recovery_report& rep, std::string& err) {
   rep = recovery_report{};
   std::unordered_map<std::string, queued_message> live;
   std::vector<std::string> order;  // arrival order of ids, for a stable queue
+  quarantine_ledger ledger;
+  if (!ledger.load(dir, err)) return false;
+  bool qdir_dirty = false;
   for (const auto& path : list_segments(dir)) {
     ++rep.segments;
     segment_scan sc;
-    uint64_t msgs_here = 0;
+    uint64_t msgs_here = 0, done_here = 0;
+    std::string name = base(path);
     bool ok = scan_segment(path, sc, [&](const record_view& rv, uint64_t off) {
       if (rv.type == record_type::message) {
         message_view m;
         if (!decode_message(rv.payload, m)) {
-          rep.notes.push_back(fmt::format("{}: message record at {} does not decode; skipped", base(path), off));
+          rep.notes.push_back(fmt::format("{}: message record at {} does not decode; skipped", name, off));
+          ++rep.new_damage;
           return;
         }
         ++rep.messages;
@@ -83,6 +102,7 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
         std::string_view id;
         if (decode_done(rv.payload, id)) {
           ++rep.done;
+          ++done_here;
           live.erase(std::string(id));
         }
       }
@@ -91,29 +111,43 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
       err = fmt::format("{}: {}", path, sc.error);
       return false;
     }
+    rep.crc_bytes += sc.crc_bytes;
     if (sc.header_ok && sc.header.segment_id > rep.max_segment_id)
       rep.max_segment_id = sc.header.segment_id;
-    for (auto [b, e] : sc.corrupt) {
-      rep.quarantined_bytes += e - b;
-      std::string q = fmt::format("{}/{}.{}.bad", quarantine_dir(dir), base(path), b);
-      rep.notes.push_back(fmt::format("{}: corrupt bytes {}..{} skipped{}", base(path), b, e,
-                                      repair ? ", copied to " + q : ""));
-      if (repair) {
+    for (auto& d : sc.damaged) {
+      uint64_t len = d.end - d.begin;
+      bool keep_in_place = d.kind != damage_kind::torn;
+      if (keep_in_place && ledger.contains(name, d)) {
+        d.known = true;
+        ++rep.known_damage;
+        continue;  // quarantined by an earlier run: not new
+      }
+      ++rep.new_damage;
+      if (d.kind == damage_kind::torn)
+        rep.torn_bytes += len;
+      else
+        rep.quarantined_bytes += len;
+      std::string q = fmt::format("{}/{}.{}.{:08x}.bad", quarantine_dir(dir), name, d.begin, d.crc);
+      bool copy = !d.all_zero;
+      rep.notes.push_back(describe(name, d) +
+                          (!repair ? ""
+                           : keep_in_place ? ", copied to " + q + " (kept in the segment, listed in the ledger)"
+                           : copy ? ", copied to " + q + ", truncated"
+                                  : ", truncated"));
+      if (!repair) continue;
+      if (copy) {
         ::mkdir(quarantine_dir(dir).c_str(), 0700);
-        if (::access(q.c_str(), F_OK) != 0 && !copy_range(path, b, e, q)) {
+        if (!copy_range(path, d.begin, d.end, q)) {
           err = fmt::format("{}: cannot write quarantine file {}: {}", path, q, strerror(errno));
           return false;
         }
+        qdir_dirty = true;
       }
-    }
-    if (sc.torn) {
-      rep.torn_bytes += sc.file_size - sc.valid_end;
-      rep.notes.push_back(fmt::format("{}: torn tail of {} bytes at {} ({}){}", base(path),
-                                      sc.file_size - sc.valid_end, sc.valid_end,
-                                      sc.torn_why ? sc.torn_why : "", repair ? ", truncated" : ""));
-      if (repair) {
+      if (keep_in_place) {
+        if (!ledger.add(dir, name, d, err)) return false;
+      } else {
         int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(sc.valid_end)) != 0 || ::fsync(fd) != 0) {
+        if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(d.begin)) != 0 || ::fsync(fd) != 0) {
           err = fmt::format("{}: cannot truncate torn tail: {}", path, strerror(errno));
           if (fd >= 0) ::close(fd);
           return false;
@@ -121,25 +155,20 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
         ::close(fd);
       }
     }
-    if (!sc.header_ok && sc.valid_end > 0)
-      rep.notes.push_back(fmt::format("{}: no valid segment header", base(path)));
-    if (repair && msgs_here == 0 && sc.corrupt.empty()) {
-      // Nothing queued in it (an empty segment from an earlier run, or a header only).
-      // Done records only matter while the messages they close exist, and a segment
-      // with no message records can only hold done records for messages in earlier
-      // segments: keep it if it has any, remove it otherwise.
-      bool has_done = false;
-      segment_scan again;
-      scan_segment(path, again, [&](const record_view& rv, uint64_t) {
-        if (rv.type == record_type::done) has_done = true;
-      });
-      if (!has_done) {
-        ::unlink(path.c_str());
-        ++rep.segments_removed;
-      }
+    if (!sc.header_ok && sc.file_size > 0)
+      rep.notes.push_back(fmt::format("{}: no valid segment header", name));
+    // Removed only when scanned without any damage (new or known) and holding nothing:
+    // no message record and no done record (a done record may close a message of an
+    // earlier segment). A segment with quarantined bytes may still hold mail: kept.
+    if (repair && sc.clean() && msgs_here == 0 && done_here == 0 && (sc.header_ok || sc.file_size == 0)) {
+      ::unlink(path.c_str());
+      ++rep.segments_removed;
     }
   }
-  if (repair) fsync_dir(segment_dir(dir));
+  if (repair) {
+    fsync_dir(segment_dir(dir));
+    if (qdir_dirty) fsync_dir(quarantine_dir(dir));
+  }
   queue.clear();
   queue.reserve(live.size());
   for (auto& id : order) {

@@ -1,11 +1,18 @@
 #pragma once
 // Recovery at start: scan every segment, rebuild the queue (messages without a done
-// record), truncate torn tails, copy corrupt regions to quarantine/, remove segments that
-// hold no message at all, and report what was found. Runs before the shards start.
+// record), repair damage (scan.hh: corrupt regions and damaged last records are copied to
+// quarantine/ and listed in quarantine/ledger, kept in place; torn tails are copied and
+// truncated), remove segments that were scanned clean and hold nothing, and report what
+// was found. Runs before the shards start, under the spool lock.
+//
+// Never drops acknowledged mail: every byte it does not read as a record is either kept in
+// the segment or copied to quarantine/ first (all-zero space excepted).
 #include <cstdint>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include "spool/scan.hh"
 
 namespace tern::spool {
 
@@ -24,13 +31,19 @@ struct recovery_report {
   uint64_t messages = 0;          // message records seen
   uint64_t done = 0;              // done records seen
   uint64_t torn_bytes = 0;        // truncated
-  uint64_t quarantined_bytes = 0;
+  uint64_t quarantined_bytes = 0; // new corrupt/tail regions (kept in place)
+  uint32_t new_damage = 0;        // damaged regions not in the ledger yet (and bad messages)
+  uint32_t known_damage = 0;      // damaged regions already quarantined by an earlier run
+  uint64_t crc_bytes = 0;         // CRC work, for the linear-time tests
   uint64_t max_epoch_ms = 0;      // newest queue-id epoch seen (ids stay unique)
   uint64_t max_segment_id = 0;
   std::vector<std::string> notes; // one line per repair, for the log
 };
 
-// repair=false: report only (tern-spool); repair=true: truncate/quarantine/remove.
+// One line for a damaged region: "SEGMENT: KIND at B..E (N bytes, crc32c X): WHY".
+std::string describe(const std::string& segment_name, const damage& d);
+
+// repair=false: report only (tern-spool check); repair=true: quarantine/truncate/remove.
 bool recover_spool(const std::string& dir, bool repair, std::vector<queued_message>& queue,
                    recovery_report& rep, std::string& err);
 

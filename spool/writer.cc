@@ -23,14 +23,6 @@ uint64_t wall_us() {
   return uint64_t(ts.tv_sec) * 1000000 + uint64_t(ts.tv_nsec) / 1000;
 }
 
-bool fsync_dir(const std::string& d) {
-  int fd = ::open(d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return false;
-  bool ok = ::fsync(fd) == 0;
-  ::close(fd);
-  return ok;
-}
-
 bool pwrite_all(int fd, const char* p, size_t n, uint64_t off) {
   while (n > 0) {
     ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(off));
@@ -46,12 +38,25 @@ bool pwrite_all(int fd, const char* p, size_t n, uint64_t off) {
   return true;
 }
 
-constexpr size_t max_iov = 1024;  // IOV_MAX
+constexpr size_t max_iov = 1024;      // IOV_MAX
+constexpr size_t iov_per_record = 3;  // header, the segment's nonce, payload
+// IORING_OP_FTRUNCATE (Linux 6.9); older liburing headers do not name it.
+constexpr int op_ftruncate = 55;
+
+void prep_ftruncate(io_uring_sqe* s, int fd, uint64_t len) {
+  io_uring_prep_rw(op_ftruncate, s, fd, nullptr, 0, len);
+}
 
 }  // namespace
 
 writer::~writer() {
   if (fd_ >= 0) ::close(fd_);
+  if (spare_.fd >= 0) ::close(spare_.fd);
+  if (dir_fd_ >= 0) ::close(dir_fd_);
+}
+
+void writer::set_nonce(uint64_t n) noexcept {
+  for (int i = 0; i < 8; ++i) nonce_bytes_[i] = static_cast<char>(n >> (8 * i));
 }
 
 bool writer::open(const options& o, std::string& err) {
@@ -59,18 +64,16 @@ bool writer::open(const options& o, std::string& err) {
   uint64_t now_ms = wall_us() / 1000;
   epoch_ms_ = std::max(now_ms, o.epoch_floor_ms + 1);
   segment_id_ = std::max(now_ms, o.segment_floor_id);
-  if (!open_segment(err)) return false;
-  if (!o.fsync)
-    log::warn("spool: shard {}: [spool] fsync = false: mail is acknowledged before it is on disk "
-              "and is lost on power loss", o.shard);
-  return true;
-}
-
-bool writer::open_segment(std::string& err) {
   std::string sd = segment_dir(opt_.dir);
   ::mkdir(opt_.dir.c_str(), 0700);
   ::mkdir(sd.c_str(), 0700);
-  segment_id_ = std::max(segment_id_ + 1, wall_us() / 1000);
+  dir_fd_ = ::open(sd.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd_ < 0) {
+    err = sd + ": " + strerror(errno);
+    return false;
+  }
+  // The first segment synchronously (start-up, before the shard serves anyone).
+  segment_id_ = std::max(segment_id_ + 1, now_ms);
   std::string path = sd + "/" + segment_name(segment_id_, opt_.shard);
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) {
@@ -79,18 +82,22 @@ bool writer::open_segment(std::string& err) {
   }
   // Reserve the blocks so appends do not allocate; best effort (tmpfs may be small).
   (void)::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(opt_.segment_size));
+  uint64_t nonce = new_nonce();
   std::string hdr;
-  encode_segment_header(hdr, opt_.shard, segment_id_, wall_us());
-  if (!pwrite_all(fd, hdr.data(), hdr.size(), 0) || ::fdatasync(fd) != 0 || !fsync_dir(sd)) {
+  encode_segment_header(hdr, opt_.shard, segment_id_, wall_us(), nonce);
+  if (!pwrite_all(fd, hdr.data(), hdr.size(), 0) || ::fdatasync(fd) != 0 || ::fsync(dir_fd_) != 0) {
     err = path + ": " + strerror(errno);
     ::close(fd);
     ::unlink(path.c_str());
     return false;
   }
-  if (fd_ >= 0) ::close(fd_);
   fd_ = fd;
   path_ = path;
   offset_ = hdr.size();
+  set_nonce(nonce);
+  if (!o.fsync)
+    log::warn("spool: shard {}: [spool] fsync = false: mail is acknowledged before it is on disk "
+              "and is lost on power loss", o.shard);
   return true;
 }
 
@@ -104,8 +111,23 @@ void writer::next_id(char* out) {
 
 void writer::append(const char* p, size_t n, uint64_t token) { pending_.push_back({p, n, token}); }
 
+io_uring_sqe* writer::sqe(unsigned need) {
+  // A linked chain must sit in one submission: make room for all of it first.
+  if (io_uring_sq_space_left(ring_) < need) io_uring_submit(ring_);
+  io_uring_sqe* s = io_uring_get_sqe(ring_);
+  if (!s) {
+    io_uring_submit(ring_);
+    s = io_uring_get_sqe(ring_);
+  }
+  assert(s != nullptr);  // the SQ was just drained by the submit
+  return s;
+}
+
+void writer::tag(io_uring_sqe* s, unsigned op) noexcept { io_uring_sqe_set_data64(s, ud_base_ | (op & 0xF)); }
+
 bool writer::flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out) {
-  const uint64_t ud_write = ud_base | op_write, ud_fsync = ud_base | op_fsync;
+  ring_ = ring;
+  ud_base_ = ud_base;
   if (in_flight_ || pending_.empty()) return false;
   if (!healthy_) {
     for (auto& it : pending_) out.push_back({it.token, false});
@@ -113,127 +135,306 @@ bool writer::flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out) {
     pending_.clear();
     return false;
   }
-  if (offset_ >= opt_.segment_size) {
-    std::string err;
-    if (!open_segment(err)) {
-      log::error("spool: shard {}: cannot start a new segment: {}", opt_.shard, err);
-      healthy_ = false;
-      last_error_ = err;
-      for (auto& it : pending_) out.push_back({it.token, false});
-      failures_ += pending_.size();
-      pending_.clear();
-      return false;
-    }
-  }
-  size_t n = std::min(pending_.size(), max_iov);
+  // segment_size is a soft bound: without a ready spare the current segment grows on
+  // (the spare's preparation is retried at the next tick) rather than block the shard.
+  if (offset_ >= opt_.segment_size && spare_.state == spare_state::ready) roll_to_spare();
+  size_t n = 0;
+  batch_bytes_ = 0;
+  while (n < pending_.size() && n < max_iov / iov_per_record &&
+         (n == 0 || batch_bytes_ + pending_[n].n <= opt_.max_batch_bytes))
+    batch_bytes_ += pending_[n++].n;
   batch_.assign(pending_.begin(), pending_.begin() + static_cast<ptrdiff_t>(n));
   pending_.erase(pending_.begin(), pending_.begin() + static_cast<ptrdiff_t>(n));
+  // Each record goes out as its first 12 bytes, the segment nonce (from our memory: the
+  // session's record carries zeros there and is not written to), and the payload.
   iov_.clear();
-  batch_bytes_ = 0;
   for (auto& it : batch_) {
-    iov_.push_back({const_cast<char*>(it.p), it.n});
-    batch_bytes_ += it.n;
+    assert(it.n >= record_header_size);
+    iov_.push_back({const_cast<char*>(it.p), record_nonce_offset});
+    iov_.push_back({nonce_bytes_, 8});
+    iov_.push_back({const_cast<char*>(it.p) + record_header_size, it.n - record_header_size});
   }
-  // The linked pair must sit in the same submission: make room for both first.
-  unsigned need = opt_.fsync ? 2 : 1;
-  if (io_uring_sq_space_left(ring) < need) io_uring_submit(ring);
-  io_uring_sqe* w = io_uring_get_sqe(ring);
-  assert(w);
-  io_uring_prep_writev(w, fd_, iov_.data(), static_cast<unsigned>(iov_.size()), offset_);
-  io_uring_sqe_set_data64(w, ud_write);
-  write_seen_ = fsync_seen_ = false;
-  if (opt_.fsync) {
-    io_uring_sqe* f = io_uring_get_sqe(ring);
-    assert(f);
-    w->flags |= IOSQE_IO_LINK;
-    io_uring_prep_fsync(f, fd_, IORING_FSYNC_DATASYNC);
-    io_uring_sqe_set_data64(f, ud_fsync);
-  } else {
-    fsync_seen_ = true;  // [spool] fsync = false: the write completion is the commit
-    fsync_res_ = 0;
-  }
+  iov_at_ = 0;
+  written_ = 0;
   in_flight_ = true;
+  submit_batch_rest();
+  maybe_prepare_spare();
   return true;
 }
 
-void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
-  if (op == op_write) on_write(res, out);
-  if (op == op_fsync) on_fsync(res, out);
-}
-
-void writer::close() {
-  if (fd_ >= 0 && !in_flight_) (void)::ftruncate(fd_, static_cast<off_t>(offset_));
-}
-
-void writer::on_write(int res, std::vector<result>& out) {
-  write_seen_ = true;
-  write_res_ = res;
-  if (fsync_seen_) finish_batch(out);
-}
-
-void writer::on_fsync(int res, std::vector<result>& out) {
-  fsync_seen_ = true;
-  fsync_res_ = res;
-  if (write_seen_) finish_batch(out);
-}
-
-void writer::finish_batch(std::vector<result>& out) {
-  in_flight_ = false;
-  int err = 0;
-  if (inject_) {
-    err = inject_;
-    inject_ = 0;
-  } else if (write_res_ < 0) {
-    err = -write_res_;
-  } else if (static_cast<uint64_t>(write_res_) != batch_bytes_) {
-    err = ENOSPC;  // a short write to a regular file: out of space in practice
-  } else if (fsync_res_ < 0) {
-    err = -fsync_res_;
+// Queue the writev of what is left of the batch (all of it at first) at the matching
+// offset, linked to an fdatasync unless fsync = false.
+void writer::submit_batch_rest() {
+  fsync_expected_ = opt_.fsync;
+  write_seen_ = fsync_seen_ = false;
+  io_uring_sqe* w = sqe(fsync_expected_ ? 2 : 1);
+  io_uring_prep_writev(w, fd_, iov_.data() + iov_at_, static_cast<unsigned>(iov_.size() - iov_at_),
+                       offset_ + written_);
+  tag(w, op_write);
+  if (fsync_expected_) {
+    w->flags |= IOSQE_IO_LINK;
+    io_uring_sqe* f = io_uring_get_sqe(ring_);
+    assert(f);
+    io_uring_prep_fsync(f, fd_, IORING_FSYNC_DATASYNC);
+    tag(f, op_fsync);
   }
-  if (err) {
-    fail_batch(err, out);
+}
+
+void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
+  switch (op) {
+    case op_write:
+      write_seen_ = true;
+      write_res_ = res;
+      maybe_finish_batch(out);
+      return;
+    case op_fsync:
+      fsync_seen_ = true;
+      fsync_res_ = res;
+      maybe_finish_batch(out);
+      return;
+    case op_spare_open:
+      --aux_inflight_;
+      if (res < 0) {
+        log::error("spool: shard {}: cannot create the next segment {}: {}", opt_.shard, spare_.name, strerror(-res));
+        spare_.state = spare_state::failed;
+        return;
+      }
+      spare_.fd = res;
+      spare_.state = spare_state::preparing;
+      {
+        // One chain: preallocate (best effort: a hard link, so its failure does not cancel
+        // the rest), header, fdatasync, directory fsync (the new name is durable).
+        io_uring_sqe* a = sqe(4);
+        io_uring_prep_fallocate(a, spare_.fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(opt_.segment_size));
+        a->flags |= IOSQE_IO_HARDLINK;
+        tag(a, op_spare_step);
+        io_uring_sqe* w = io_uring_get_sqe(ring_);
+        io_uring_prep_write(w, spare_.fd, spare_.hdr.data(), static_cast<unsigned>(spare_.hdr.size()), 0);
+        w->flags |= IOSQE_IO_LINK;
+        tag(w, op_spare_header);
+        io_uring_sqe* f = io_uring_get_sqe(ring_);
+        io_uring_prep_fsync(f, spare_.fd, IORING_FSYNC_DATASYNC);
+        f->flags |= IOSQE_IO_LINK;
+        tag(f, op_spare_step);
+        io_uring_sqe* d = io_uring_get_sqe(ring_);
+        io_uring_prep_fsync(d, dir_fd_, 0);
+        tag(d, op_spare_step);
+        spare_.steps_left = 4;
+        spare_.ok = true;
+        aux_inflight_ += 4;
+      }
+      return;
+    case op_spare_header:
+      spare_step_done(res == static_cast<int>(spare_.hdr.size()));
+      return;
+    case op_spare_step:
+      // The fallocate is best effort (EOPNOTSUPP on some file systems); the syncs are not.
+      spare_step_done(res >= 0 || spare_.steps_left == 4);
+      return;
+    case op_retire:
+      --aux_inflight_;
+      if (res < 0 && (res == -EINVAL || res == -EOPNOTSUPP) && !warned_trim_) {
+        warned_trim_ = true;
+        log::warn("spool: shard {}: trimming a closed segment through the ring failed ({}): this kernel may "
+                  "lack IORING_OP_FTRUNCATE (Linux 6.9); its preallocated blocks stay allocated",
+                  opt_.shard, strerror(-res));
+      }
+      return;
+    case op_cut:
+      --aux_inflight_;
+      if (res < 0)
+        log::error("spool: shard {}: truncating {} after the failure: {}", opt_.shard, path_, strerror(-res));
+      return;
+    case op_probe:
+    case op_probe_write:
+      --aux_inflight_;
+      if (op == op_probe_write ? res != static_cast<int>(probe_buf_.size()) : res < 0) probe_ok_ = false;
+      if (--probe_left_ == 0) {
+        probing_ = false;
+        if (probe_ok_) {
+          healthy_ = true;
+          log::info("spool: shard {}: {} is writable again; accepting mail", opt_.shard, path_);
+        }
+      }
+      return;
+    default:
+      return;
+  }
+}
+
+void writer::spare_step_done(bool ok) {
+  --aux_inflight_;
+  spare_.ok = spare_.ok && ok;
+  if (--spare_.steps_left > 0) return;
+  if (spare_.ok) {
+    spare_.state = spare_state::ready;
     return;
   }
+  log::error("spool: shard {}: preparing the next segment {} failed; retrying in a second", opt_.shard, spare_.name);
+  // Close and remove the half-made file through the ring.
+  io_uring_sqe* c = sqe(2);
+  io_uring_prep_close(c, spare_.fd);
+  c->flags |= IOSQE_IO_HARDLINK;
+  tag(c, op_retire);
+  io_uring_sqe* u = io_uring_get_sqe(ring_);
+  io_uring_prep_unlinkat(u, dir_fd_, spare_.name.c_str(), 0);
+  tag(u, op_retire);
+  aux_inflight_ += 2;
+  spare_.fd = -1;
+  spare_.state = spare_state::failed;
+}
+
+// Past half of segment_size: create the next segment through the ring, so the rollover
+// itself is only a switch of file descriptors.
+void writer::maybe_prepare_spare() {
+  if (spare_.state != spare_state::none || offset_ < opt_.segment_size / 2 || !ring_) return;
+  spare_.id = std::max(segment_id_ + 1, wall_us() / 1000);
+  spare_.name = segment_name(spare_.id, opt_.shard);
+  spare_.nonce = new_nonce();
+  spare_.hdr.clear();
+  encode_segment_header(spare_.hdr, opt_.shard, spare_.id, wall_us(), spare_.nonce);
+  io_uring_sqe* s = sqe();
+  io_uring_prep_openat(s, dir_fd_, spare_.name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  tag(s, op_spare_open);
+  ++aux_inflight_;
+  spare_.state = spare_state::opening;
+}
+
+// Switch to the prepared spare; trim the old segment to its end and close it, both
+// through the ring (hard-linked: the close happens even if the trim fails).
+void writer::roll_to_spare() {
+  io_uring_sqe* t = sqe(2);
+  prep_ftruncate(t, fd_, offset_);
+  t->flags |= IOSQE_IO_HARDLINK;
+  tag(t, op_retire);
+  io_uring_sqe* c = io_uring_get_sqe(ring_);
+  io_uring_prep_close(c, fd_);
+  tag(c, op_retire);
+  aux_inflight_ += 2;
+  fd_ = spare_.fd;
+  path_ = segment_dir(opt_.dir) + "/" + spare_.name;
+  segment_id_ = spare_.id;
+  offset_ = spare_.hdr.size();
+  set_nonce(spare_.nonce);
+  spare_.fd = -1;
+  spare_.state = spare_state::none;
+  ++rollovers_;
+}
+
+void writer::maybe_finish_batch(std::vector<result>& out) {
+  if (!write_seen_ || (fsync_expected_ && !fsync_seen_)) return;
+  if (inject_) {
+    int e = inject_;
+    inject_ = 0;
+    return fail_batch(e, "write/fdatasync", out);
+  }
+  if (write_res_ < 0) return fail_batch(-write_res_, "writev", out);
+  written_ += static_cast<uint64_t>(write_res_);
+  if (written_ < batch_bytes_) {
+    // A short write (a regular file: the 0x7ffff000-byte cap of one writev, a signal, or
+    // a full disk that the next write will name). The linked fdatasync was cancelled;
+    // continue with the rest at the new offset. No progress at all is an error.
+    if (write_res_ == 0) return fail_batch(EIO, "writev (no progress)", out);
+    ++continued_;
+    uint64_t skip = static_cast<uint64_t>(write_res_);
+    while (skip > 0) {
+      iovec& v = iov_[iov_at_];
+      if (skip >= v.iov_len) {
+        skip -= v.iov_len;
+        ++iov_at_;
+      } else {
+        v.iov_base = static_cast<char*>(v.iov_base) + skip;
+        v.iov_len -= skip;
+        skip = 0;
+      }
+    }
+    submit_batch_rest();
+    return;
+  }
+  if (fsync_expected_ && fsync_res_ < 0) return fail_batch(-fsync_res_, "fdatasync", out);
+  in_flight_ = false;
   offset_ += batch_bytes_;
   ++batches_;
   records_ += batch_.size();
   bytes_ += batch_bytes_;
   for (auto& it : batch_) out.push_back({it.token, true});
   batch_.clear();
+  maybe_prepare_spare();
 }
 
-void writer::fail_batch(int err, std::vector<result>& out) {
+void writer::fail_batch(int err, const char* what, std::vector<result>& out) {
+  in_flight_ = false;
   failures_ += batch_.size();
   last_error_ = strerror(err);
-  log::error("spool: shard {}: write/fdatasync of {} message(s) to {} failed: {}", opt_.shard,
-             batch_.size(), path_, last_error_);
+  log::error("spool: shard {}: {} of {} message(s) ({} bytes) to {} at offset {} failed: {} (errno {})", opt_.shard,
+             what, batch_.size(), batch_bytes_, path_, offset_, last_error_, err);
   // Nothing half-written may count: cut the segment back to where this batch began.
-  if (::ftruncate(fd_, static_cast<off_t>(offset_)) != 0)
-    log::error("spool: shard {}: truncating {} after the failure: {}", opt_.shard, path_, strerror(errno));
+  io_uring_sqe* t = sqe();
+  prep_ftruncate(t, fd_, offset_);
+  tag(t, op_cut);
+  ++aux_inflight_;
   healthy_ = false;
   for (auto& it : batch_) out.push_back({it.token, false});
   batch_.clear();
 }
 
-void writer::tick(io_uring*, uint64_t) {
-  if (healthy_ || in_flight_) return;
-  // Probe: the tail is cut back, a pad record is written and made durable, then removed.
-  if (offset_ >= opt_.segment_size || fd_ < 0) {
-    std::string err;
-    if (!open_segment(err)) return;
+void writer::tick(io_uring* ring, uint64_t ud_base) {
+  ring_ = ring;
+  ud_base_ = ud_base;
+  if (spare_.state == spare_state::failed && aux_inflight_ == 0) spare_.state = spare_state::none;
+  maybe_prepare_spare();
+  if (healthy_ || in_flight_ || probing_) return;
+  probe_buf_.clear();
+  size_t s = begin_record(probe_buf_, record_type::pad);
+  probe_buf_.append(4096, '\0');
+  finish_record(probe_buf_, s);
+  memcpy(probe_buf_.data() + s + record_nonce_offset, nonce_bytes_, 8);
+  // Write a pad record at the last durable offset (over whatever a failed batch left),
+  // fdatasync, cut back to that offset (which also drops anything beyond the pad),
+  // fdatasync. Hard links throughout: the cut back and its sync run even when the write
+  // failed. Four SQEs: the smallest ring a writer needs (the spare's chain is four too).
+  io_uring_sqe* w = sqe(4);
+  io_uring_prep_write(w, fd_, probe_buf_.data(), static_cast<unsigned>(probe_buf_.size()), offset_);
+  w->flags |= IOSQE_IO_HARDLINK;
+  tag(w, op_probe_write);
+  io_uring_sqe* f = io_uring_get_sqe(ring_);
+  io_uring_prep_fsync(f, fd_, IORING_FSYNC_DATASYNC);
+  f->flags |= IOSQE_IO_HARDLINK;
+  tag(f, op_probe);
+  io_uring_sqe* t = io_uring_get_sqe(ring_);
+  prep_ftruncate(t, fd_, offset_);
+  t->flags |= IOSQE_IO_HARDLINK;
+  tag(t, op_probe);
+  io_uring_sqe* g = io_uring_get_sqe(ring_);
+  io_uring_prep_fsync(g, fd_, IORING_FSYNC_DATASYNC);
+  tag(g, op_probe);
+  aux_inflight_ += 4;
+  probe_left_ = 4;
+  probe_ok_ = true;
+  probing_ = true;
+}
+
+void writer::close() {
+  if (fd_ >= 0) {
+    // Trim the KEEP_SIZE preallocation beyond the real end, and make the size durable.
+    if (::ftruncate(fd_, static_cast<off_t>(offset_)) != 0 || ::fsync(fd_) != 0)
+      log::warn("spool: shard {}: trimming {} at stop: {}", opt_.shard, path_, strerror(errno));
+    ::close(fd_);
+    fd_ = -1;
   }
-  std::string pad;
-  size_t s = begin_record(pad, record_type::pad);
-  pad.append(4096, '\0');
-  finish_record(pad, s);
-  bool ok = ::ftruncate(fd_, static_cast<off_t>(offset_)) == 0 &&
-            pwrite_all(fd_, pad.data(), pad.size(), offset_) && ::fdatasync(fd_) == 0 &&
-            ::ftruncate(fd_, static_cast<off_t>(offset_)) == 0 && ::fdatasync(fd_) == 0;
-  if (ok) {
-    healthy_ = true;
-    log::info("spool: shard {}: {} is writable again; accepting mail", opt_.shard, path_);
-  } else {
-    (void)::ftruncate(fd_, static_cast<off_t>(offset_));
+  if (spare_.fd >= 0) {
+    // An unused spare holds only its header: remove it rather than leave an empty segment.
+    ::close(spare_.fd);
+    spare_.fd = -1;
+    if (dir_fd_ >= 0) {
+      ::unlinkat(dir_fd_, spare_.name.c_str(), 0);
+      ::fsync(dir_fd_);
+    }
+    spare_.state = spare_state::none;
+  }
+  if (dir_fd_ >= 0) {
+    ::close(dir_fd_);
+    dir_fd_ = -1;
   }
 }
 

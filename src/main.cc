@@ -70,6 +70,11 @@ int run(const config::config& cfg) {
     log::error("spool.dir: {}", err);
     return 1;
   }
+  // One ternd per spool: the lock is held (fd kept open) for the life of the process.
+  if (spool::lock_spool(cfg.spool.dir, err) < 0) {
+    log::error("{}", err);
+    return 1;
+  }
   if (!spool::recover_spool(cfg.spool.dir, true, queue, rep, err)) {
     log::error("spool recovery failed: {}", err);
     return 1;

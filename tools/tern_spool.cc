@@ -1,5 +1,11 @@
-// tern-spool: list and dump the messages of a spool directory offline (like postcat).
-// Read only: it never repairs; it reports torn tails and corrupt regions it sees.
+// tern-spool: list and dump the messages of a spool directory (like postcat), check it,
+// and repair it offline.
+// list, dump and check are read only and may run on a live spool (check reports damage,
+// it does not repair). repair takes the spool lock, so it refuses while ternd runs, and
+// does what ternd's recovery does at start.
+// --json output is UTF-8: valid UTF-8 passes through; each byte that is not part of a valid
+// UTF-8 sequence is written as \u00XX (its value; the only lossy case), control characters
+// as \u00XX.
 #include <time.h>
 
 #include <CLI/CLI.hpp>
@@ -10,23 +16,49 @@
 #include <vector>
 
 #include "spool/record.hh"
+#include "spool/recovery.hh"
 #include "spool/scan.hh"
 
 using namespace tern::spool;
 
 namespace {
 
+// Length of the valid UTF-8 sequence at s[i] (RFC 3629: no overlongs, no surrogates, at
+// most U+10FFFF), or 0.
+size_t utf8_len(std::string_view s, size_t i) {
+  auto u = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  unsigned char c = u(i);
+  size_t n = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((u(i + k) & 0xC0) != 0x80) return 0;
+  unsigned char c1 = u(i + 1);
+  if (c == 0xE0 && c1 < 0xA0) return 0;  // overlong
+  if (c == 0xED && c1 > 0x9F) return 0;  // surrogates
+  if (c == 0xF0 && c1 < 0x90) return 0;  // overlong
+  if (c == 0xF4 && c1 > 0x8F) return 0;  // above U+10FFFF
+  return n;
+}
+
 std::string json_str(std::string_view s) {
   std::string o = "\"";
-  for (unsigned char c : s) {
+  for (size_t i = 0; i < s.size();) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
     if (c == '"' || c == '\\') {
       o += '\\';
       o += static_cast<char>(c);
-    } else if (c < 0x20 || c >= 0x7F) {
+    } else if (c < 0x20 || c == 0x7F) {
       o += fmt::format("\\u{:04x}", c);
-    } else {
+    } else if (c < 0x80) {
       o += static_cast<char>(c);
+    } else if (size_t n = utf8_len(s, i)) {
+      o.append(s.data() + i, n);
+      i += n;
+      continue;
+    } else {
+      o += fmt::format("\\u{:04x}", c);  // not UTF-8: the byte's value
     }
+    ++i;
   }
   return o + "\"";
 }
@@ -58,13 +90,14 @@ struct entry {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"tern-spool: inspect a tern spool directory offline"};
+  CLI::App app{"tern-spool: inspect, check and repair a tern spool directory"};
   app.require_subcommand(1);
   bool json = false;
-  app.add_flag("--json", json, "machine-readable output");
+  app.add_flag("--json", json, "machine-readable output (UTF-8)");
   std::string dir;
   auto* list = app.add_subcommand("list", "list queued messages (those without a done record)");
   list->add_option("dir", dir, "spool directory")->required();
+  list->add_flag("--json", json, "machine-readable output (UTF-8)");
   bool all = false, with_content = false;
   list->add_flag("--all", all, "include messages that have a done record");
   list->add_flag("--content", with_content, "with --json: include each message's content");
@@ -72,18 +105,49 @@ int main(int argc, char** argv) {
   std::string id;
   dump->add_option("dir", dir, "spool directory")->required();
   dump->add_option("id", id, "queue id")->required();
-  auto* check = app.add_subcommand("check", "report torn tails and corrupt regions; exit 1 if any");
+  dump->add_flag("--json", json, "machine-readable output (UTF-8)");
+  auto* check = app.add_subcommand("check", "report damage not repaired yet; exit 1 if any (read only)");
   check->add_option("dir", dir, "spool directory")->required();
+  check->add_flag("--json", json, "machine-readable output (UTF-8)");
+  auto* repair = app.add_subcommand("repair", "repair as ternd's recovery does (needs the spool lock)");
+  repair->add_option("dir", dir, "spool directory")->required();
   CLI11_PARSE(app, argc, argv);
+
+  if (repair->parsed()) {
+    std::string err;
+    int lk = lock_spool(dir, err, "tern-spool");
+    if (lk < 0) {
+      fmt::print(stderr, "tern-spool: {}\n", err);
+      return 2;
+    }
+    std::vector<queued_message> q;
+    recovery_report rep;
+    if (!recover_spool(dir, true, q, rep, err)) {
+      fmt::print(stderr, "tern-spool: {}\n", err);
+      return 2;
+    }
+    for (auto& n : rep.notes) fmt::print("{}\n", n);
+    fmt::print("{} segment(s), {} queued, {} new damaged region(s) repaired, {} known\n", rep.segments, q.size(),
+               rep.new_damage, rep.known_damage);
+    return 0;
+  }
 
   std::vector<entry> msgs;
   std::unordered_map<std::string, bool> done;
-  std::vector<std::string> problems;
+  std::vector<std::string> problems, known;
+  quarantine_ledger ledger;
+  {
+    std::string err;
+    if (!ledger.load(dir, err)) problems.push_back(err);
+  }
   auto segs = list_segments(dir);
   for (const auto& path : segs) {
     segment_scan sc;
     bool ok = scan_segment(path, sc, [&](const record_view& rv, uint64_t off) {
       if (rv.type == record_type::message) {
+        message_view mv;
+        if (!decode_message(rv.payload, mv))  // a valid record whose payload does not decode
+          problems.push_back(fmt::format("{}: message record at {} does not decode", path, off));
         msgs.push_back({path, off, std::string(rv.payload)});
       } else if (rv.type == record_type::done) {
         std::string_view d;
@@ -91,19 +155,27 @@ int main(int argc, char** argv) {
       }
     });
     if (!ok) problems.push_back(path + ": " + sc.error);
-    if (sc.torn) problems.push_back(fmt::format("{}: torn tail at {} ({} bytes): {}", path, sc.valid_end,
-                                                sc.file_size - sc.valid_end, sc.torn_why ? sc.torn_why : ""));
-    for (auto [b, e] : sc.corrupt) problems.push_back(fmt::format("{}: corrupt bytes {}..{}", path, b, e));
+    std::string name = path.substr(path.rfind('/') + 1);
+    for (auto& d : sc.damaged) {
+      if (d.kind != damage_kind::torn && ledger.contains(name, d))
+        known.push_back(describe(name, d) + " (quarantined earlier)");
+      else
+        problems.push_back(describe(name, d));
+    }
   }
 
   if (check->parsed()) {
     if (json) {
       fmt::print("{{\"segments\":{},\"messages\":{},\"problems\":[", segs.size(), msgs.size());
       for (size_t i = 0; i < problems.size(); ++i) fmt::print("{}{}", i ? "," : "", json_str(problems[i]));
+      fmt::print("],\"known\":[");
+      for (size_t i = 0; i < known.size(); ++i) fmt::print("{}{}", i ? "," : "", json_str(known[i]));
       fmt::print("]}}\n");
     } else {
       for (auto& p : problems) fmt::print("{}\n", p);
-      fmt::print("{} segment(s), {} message record(s), {} problem(s)\n", segs.size(), msgs.size(), problems.size());
+      for (auto& p : known) fmt::print("known: {}\n", p);
+      fmt::print("{} segment(s), {} message record(s), {} problem(s), {} known damaged region(s)\n", segs.size(),
+                 msgs.size(), problems.size(), known.size());
     }
     return problems.empty() ? 0 : 1;
   }

@@ -12,6 +12,8 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "spool/record.hh"
+
 namespace tern::config {
 
 const char* const embedded_default = R"(# tern embedded default configuration
@@ -165,12 +167,14 @@ config parse(const ctx& c, const toml::table& root) {
     c.fail(root.get("log_level")->source(), "log_level", "expected debug, info, warning or error");
 
   if (auto* s = get_table(c, root, "spool")) {
-    check_keys(c, *s, "spool.", {"dir", "segment_size", "fsync"});
+    check_keys(c, *s, "spool.", {"dir", "segment_size", "fsync", "max_batch_bytes"});
     cfg.spool.dir = get_str(c, *s, "dir", "spool.dir", cfg.spool.dir);
     if (cfg.spool.dir.empty()) c.fail(s->get("dir")->source(), "spool.dir", "must not be empty");
     cfg.spool.segment_size = get_int<uint64_t>(c, *s, "segment_size", "spool.segment_size",
                                                cfg.spool.segment_size, 1 << 20, int64_t(1) << 32);
     cfg.spool.fsync = get_bool(c, *s, "fsync", "spool.fsync", cfg.spool.fsync);
+    cfg.spool.max_batch_bytes = get_int<uint64_t>(c, *s, "max_batch_bytes", "spool.max_batch_bytes",
+                                                  cfg.spool.max_batch_bytes, 1 << 20, int64_t(1) << 30);
   }
 
   auto* ln = root.get("listen");
@@ -275,6 +279,20 @@ config parse(const ctx& c, const toml::table& root) {
     if (L.input_buffer < L.line_length)
       c.fail(l->get("input_buffer")->source(), "limits.input_buffer",
              "must be at least limits.line_length (" + std::to_string(L.line_length) + ")");
+    // Every message that can get a 250 must be readable by recovery: its whole record
+    // (envelope, recipients, Received: header, content) within the reader's bound.
+    if (!spool::record_fits(L.message_size, L.recipients, L.line_length)) {
+      auto* n = l->get("message_size");
+      if (!n) n = l->get("recipients");
+      if (!n) n = l->get("line_length");
+      c.fail(n ? n->source() : l->source(), "limits.message_size",
+             "a message of " + std::to_string(L.message_size) + " bytes with " + std::to_string(L.recipients) +
+                 " recipients and " + std::to_string(L.line_length) + "-byte lines makes a spool record of up to " +
+                 std::to_string(spool::max_record_for(L.message_size, L.recipients, L.line_length)) +
+                 " bytes, above the spool's bound of " + std::to_string(spool::max_record_len) +
+                 "; the largest message_size for these limits is " +
+                 std::to_string(spool::max_message_size_for(L.recipients, L.line_length)));
+    }
   }
 
   if (auto* t = get_table(c, root, "tls")) {

@@ -58,6 +58,7 @@ struct config {
     // false: the 250 is sent after the write without fdatasync. Dangerous: acknowledged
     // mail is lost on power loss or kernel crash (battery-backed or throw-away setups).
     bool fsync = true;
+    uint64_t max_batch_bytes = 64ull << 20;  // a group-commit batch stops growing here
   } spool;
   std::vector<listener> listen;
   struct {

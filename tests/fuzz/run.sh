@@ -11,7 +11,7 @@ CXX="clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize
 printf '#pragma once\n#define TERN_VERSION "fuzz"\n#define TERN_HAVE_DPDK 0\n' > "$out/tern_build.hh"
 common="src/core/crc32c.cc src/core/log.cc net/address.cc net/proxy.cc spool/record.cc"
 $CXX -o "$out/proxy_fuzz" tests/fuzz/proxy_fuzz.cc $common -lfmt
-$CXX -o "$out/record_fuzz" tests/fuzz/record_fuzz.cc $common -lfmt
+$CXX -o "$out/record_fuzz" tests/fuzz/record_fuzz.cc $common spool/scan.cc -lfmt
 $CXX -o "$out/session_fuzz" tests/fuzz/session_fuzz.cc $common src/smtp/command.cc src/smtp/data.cc src/smtp/session.cc -lfmt
 rc=0
 for t in proxy record session; do

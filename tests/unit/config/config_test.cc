@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "spool/record.hh"
+
 using namespace tern::config;
 
 namespace {
@@ -86,6 +88,31 @@ TEST(Config, SpoolFsync) {
   EXPECT_FALSE(c->spool.fsync);
   EXPECT_EQ(error_of("[spool]\nfsync = \"no\"\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
             "t.toml:2: spool.fsync: expected true or false");
+  EXPECT_EQ(c->spool.max_batch_bytes, 64u << 20);
+  EXPECT_EQ(error_of("[spool]\nmax_batch_bytes = 1000\n[[listen]]\naddress = \"127.0.0.1:25\"\n"),
+            "t.toml:2: spool.max_batch_bytes: must be between 1048576 and 1073741824");
+}
+
+// The largest message that can get a 250 must fit the spool reader's record bound: the
+// config check refuses a message_size whose record could exceed it, at the exact edge.
+TEST(Config, MessageSizeFitsTheSpoolRecordBound) {
+  uint64_t top = tern::spool::max_message_size_for(1000, 2048);
+  auto cfg = [](uint64_t size) {
+    return "[[listen]]\naddress = \"127.0.0.1:25\"\n[limits]\nmessage_size = " + std::to_string(size) +
+           "\nrecipients = 1000\nline_length = 2048\n";
+  };
+  std::string err;
+  auto c = load_string(cfg(top), "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_LE(tern::spool::max_record_for(c->limits.message_size, c->limits.recipients, c->limits.line_length) -
+                tern::spool::record_header_size,
+            uint64_t(tern::spool::max_record_len));
+  std::string e = error_of(cfg(top + 1));
+  EXPECT_EQ(e.rfind("t.toml:4: limits.message_size: a message of " + std::to_string(top + 1), 0), 0u) << e;
+  EXPECT_NE(e.find("the largest message_size for these limits is " + std::to_string(top)), std::string::npos) << e;
+  // Many long recipients shrink the room for content.
+  e = error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[limits]\nrecipients = 100000\nline_length = 65536\n");
+  EXPECT_EQ(e.rfind("t.toml:4: limits.message_size: ", 0), 0u) << e;
 }
 
 TEST(Config, MissingFile) {

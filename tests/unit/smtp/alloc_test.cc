@@ -103,7 +103,7 @@ TEST(Allocations, SteadyStateMessagePathAllocatesNothing) {
     if (!s.want_commit()) return false;
     auto rec = s.record();
     w.append(rec.data(), rec.size(), 7);
-    if (!w.flush(&ring, 0, results)) return false;
+    if (!w.flush(&ring, 0xF0, results)) return false;
     io_uring_submit(&ring);
     while (!w.idle()) {
       io_uring_cqe* cqe;
@@ -111,7 +111,7 @@ TEST(Allocations, SteadyStateMessagePathAllocatesNothing) {
       uint64_t d = cqe->user_data;
       int res = cqe->res;
       io_uring_cqe_seen(&ring, cqe);
-      w.on_cqe(static_cast<unsigned>(d), res, results);
+      w.on_cqe(static_cast<unsigned>(d & 0xF), res, results);
     }
     bool ok = results.size() == 1 && results[0].ok;
     results.clear();

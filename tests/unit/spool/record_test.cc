@@ -64,31 +64,51 @@ TEST(Record, MessageRoundTrip) {
   EXPECT_EQ(n, 2);
 }
 
-TEST(Record, TornAndCorrupt) {
+TEST(Record, FaultsInCheckOrder) {
+  constexpr uint64_t nonce = 0x1122334455667788ull;
   std::string a = message_record("000000000000000001", "one\r\n");
   std::string b = message_record("000000000000000002", "two\r\n");
+  set_record_nonce(a.data(), nonce);
+  set_record_nonce(b.data(), nonce);
   std::string both = a + b;
   record_view rv;
-  // Every cut inside the last record is a torn tail.
+  record_fault f;
+  ASSERT_EQ(read_record(span(both), 0, nonce, rv, &f), read_status::ok);
+  ASSERT_EQ(read_record(span(both), a.size(), nonce, rv, &f), read_status::ok);
+  // Every cut inside the last record: header short or payload past the end.
   for (size_t cut = a.size() + 1; cut < both.size(); ++cut) {
     auto s = both.substr(0, cut);
-    ASSERT_EQ(read_record(span(s), 0, rv), read_status::ok);
-    EXPECT_EQ(read_record(span(s), a.size(), rv), read_status::torn) << cut;
+    EXPECT_EQ(read_record(span(s), a.size(), nonce, rv, &f), read_status::bad) << cut;
+    EXPECT_TRUE(f == record_fault::short_header || f == record_fault::past_eof) << cut;
   }
-  // A flipped bit in the first record, with a good record after it: corrupt.
   std::string bad = both;
-  bad[20] ^= 0x40;
-  EXPECT_EQ(read_record(span(bad), 0, rv), read_status::corrupt);
-  EXPECT_EQ(read_record(span(bad), a.size(), rv), read_status::ok);
-  // A flipped bit in the last record: torn (an interrupted append looks like this).
-  std::string bad2 = both;
-  bad2[a.size() + 20] ^= 0x40;
-  EXPECT_EQ(read_record(span(bad2), a.size(), rv), read_status::torn);
-  // An absurd length is never trusted.
-  std::string huge = a;
-  huge[7] = '\x7F';
-  huge += b;
-  EXPECT_EQ(read_record(span(huge), 0, rv), read_status::corrupt);
+  bad[30] ^= 0x40;  // payload
+  EXPECT_EQ(read_record(span(bad), 0, nonce, rv, &f), read_status::bad);
+  EXPECT_EQ(f, record_fault::bad_crc);
+  bad = both;
+  bad[8] = 9;  // type
+  EXPECT_EQ(read_record(span(bad), 0, nonce, rv, &f), read_status::bad);
+  EXPECT_EQ(f, record_fault::bad_type);
+  bad = both;
+  bad[7] = '\x7F';  // absurd length: never trusted
+  EXPECT_EQ(read_record(span(bad), 0, nonce, rv, &f), read_status::bad);
+  EXPECT_EQ(f, record_fault::bad_length);
+  // Another segment's nonce (or none): refused before any CRC work.
+  uint64_t crc_bytes = 0;
+  EXPECT_EQ(read_record(span(both), 0, nonce + 1, rv, &f, &crc_bytes), read_status::bad);
+  EXPECT_EQ(f, record_fault::bad_nonce);
+  EXPECT_EQ(crc_bytes, 0u);
+}
+
+TEST(Record, SizeBoundsAgree) {
+  // The default limits fit with a wide margin; the bound is monotonic and exact at the edge.
+  EXPECT_TRUE(record_fits(10u << 20, 1000, 2048));
+  uint64_t top = max_message_size_for(1000, 2048);
+  EXPECT_TRUE(record_fits(top, 1000, 2048));
+  EXPECT_FALSE(record_fits(top + 1, 1000, 2048));
+  EXPECT_EQ(max_record_for(top, 1000, 2048) - record_header_size, uint64_t(max_record_len));
+  EXPECT_FALSE(record_fits(1u << 30, 1, 512));  // 1 GiB of content plus any envelope
+  EXPECT_EQ(max_message_size_for(100000, 65536), 0u);  // the envelope alone is too big
 }
 
 TEST(Record, DecodeRejectsTruncatedPayloads) {
@@ -116,12 +136,13 @@ TEST(Record, QueueIds) {
 
 TEST(Record, SegmentHeaderAndDone) {
   std::string b;
-  encode_segment_header(b, 7, 99, 123);
-  encode_done(b, "000000000000000001");
+  encode_segment_header(b, 7, 99, 123, 77);
+  encode_done(b, "000000000000000001", 77);
   record_view rv;
   ASSERT_EQ(read_record(span(b), 0, rv), read_status::ok);
   segment_view sv;
   ASSERT_TRUE(decode_segment_header(rv.payload, sv));
+  EXPECT_EQ(record_nonce(reinterpret_cast<const unsigned char*>(b.data())), 77u);
   EXPECT_EQ(sv.shard, 7u);
   EXPECT_EQ(sv.segment_id, 99u);
   size_t off = rv.size;

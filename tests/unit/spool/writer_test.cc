@@ -5,6 +5,8 @@
 #include "spool/writer.hh"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 
 #include <cerrno>
 #include <filesystem>
@@ -20,20 +22,24 @@ namespace {
 
 struct ring_fixture {
   io_uring ring{};
-  ring_fixture() { EXPECT_EQ(io_uring_queue_init(64, &ring, 0), 0); }
+  explicit ring_fixture(unsigned entries = 64) { EXPECT_EQ(io_uring_queue_init(entries, &ring, 0), 0); }
   ~ring_fixture() { io_uring_queue_exit(&ring); }
-  // Submit and reap until the writer reports the batch.
+  // Submit and reap until the writer has nothing in flight (the batch, and any spare
+  // segment, trim or probe it queued). Completions go to on_cqe by their op bits.
   void complete(writer& w, std::vector<writer::result>& out) {
     io_uring_submit(&ring);
-    while (w.in_flight()) {
+    while (w.io_pending()) {
       io_uring_cqe* cqe;
       ASSERT_EQ(io_uring_wait_cqe(&ring, &cqe), 0);
       uint64_t d = cqe->user_data;
       int res = cqe->res;
       io_uring_cqe_seen(&ring, cqe);
-      w.on_cqe(static_cast<unsigned>(d), res, out);
+      ASSERT_EQ(d & ~uint64_t(0xF), ud_base);
+      w.on_cqe(static_cast<unsigned>(d & 0xF), res, out);
+      io_uring_submit(&ring);
     }
   }
+  static constexpr uint64_t ud_base = uint64_t(7) << 32 | 0xF0;
 };
 
 std::string make_msg(writer& w) {
@@ -52,12 +58,13 @@ std::string make_msg(writer& w) {
 // A temp spool with an open writer and a ring.
 struct writer_fixture {
   tmpdir t;
-  writer w;
   ring_fixture r;
-  explicit writer_fixture(uint64_t segment_size = 64ull << 20, bool fsync = true) {
+  writer w;
+  explicit writer_fixture(uint64_t segment_size = 64ull << 20, bool fsync = true, writer::options o = {},
+                          unsigned ring_entries = 64)
+      : r(ring_entries) {
     std::string err;
     EXPECT_TRUE(ensure_spool_dirs(t.path, err)) << err;
-    writer::options o;
     o.dir = t.path;
     o.segment_size = segment_size;
     o.fsync = fsync;
@@ -81,7 +88,7 @@ TEST(Writer, GroupCommitThenRecoverable) {
   for (int i = 0; i < 10; ++i) msgs.push_back(make_msg(w));
   std::vector<writer::result> out;
   for (size_t i = 0; i < msgs.size(); ++i) w.append(msgs[i].data(), msgs[i].size(), i);
-  ASSERT_TRUE(w.flush(&r.ring, 0, out));
+  ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
   EXPECT_TRUE(out.empty());  // nothing is acknowledged before the fsync completes
   r.complete(w, out);
   ASSERT_EQ(out.size(), 10u);
@@ -92,32 +99,36 @@ TEST(Writer, GroupCommitThenRecoverable) {
   EXPECT_EQ(q.size(), 10u);
 }
 
-TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
-  writer_fixture f;
+class WriterRing : public ::testing::TestWithParam<unsigned> {};
+
+// With a normal ring and with the smallest one (4 entries: the probe's chain must fit).
+TEST_P(WriterRing, FailureCutsBackAndRefusesUntilHealthy) {
+  writer_fixture f(64ull << 20, true, {}, GetParam());
   auto& w = f.w;
   auto& r = f.r;
   std::string a = make_msg(w), b = make_msg(w);
   std::vector<writer::result> out;
   w.append(a.data(), a.size(), 1);
   w.inject_failure(ENOSPC);
-  ASSERT_TRUE(w.flush(&r.ring, 0, out));
+  ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
   r.complete(w, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_FALSE(out[0].ok);
   EXPECT_FALSE(w.healthy());
-  EXPECT_EQ(std::filesystem::file_size(w.segment_path()), 12u + 28u);  // header record only
+  EXPECT_EQ(std::filesystem::file_size(w.segment_path()), segment_header_record_size);  // header record only
   // While unhealthy, appends fail without I/O.
   out.clear();
   w.append(b.data(), b.size(), 2);
-  EXPECT_FALSE(w.flush(&r.ring, 0, out));
+  EXPECT_FALSE(w.flush(&r.ring, ring_fixture::ud_base, out));
   ASSERT_EQ(out.size(), 1u);
   EXPECT_FALSE(out[0].ok);
-  // The probe finds the disk writable again.
-  w.tick(&r.ring, 0);
+  // The probe (through the ring) finds the disk writable again.
+  w.tick(&r.ring, ring_fixture::ud_base);
+  r.complete(w, out);
   EXPECT_TRUE(w.healthy());
   out.clear();
   w.append(b.data(), b.size(), 3);
-  ASSERT_TRUE(w.flush(&r.ring, 0, out));
+  ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
   r.complete(w, out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_TRUE(out[0].ok);
@@ -126,6 +137,8 @@ TEST(Writer, FailureCutsBackAndRefusesUntilHealthy) {
   ASSERT_EQ(q.size(), 1u);  // only the message that got its ok
   EXPECT_EQ(rep.torn_bytes, 0u);
 }
+
+INSTANTIATE_TEST_SUITE_P(Writer, WriterRing, ::testing::Values(64u, 4u));
 
 TEST(Writer, RotatesSegments) {
   writer_fixture f(1 << 20);
@@ -147,7 +160,7 @@ TEST(Writer, RotatesSegments) {
   std::vector<writer::result> out;
   for (int i = 0; i < 3; ++i) {
     w.append(big.data(), big.size(), static_cast<uint64_t>(i));
-    ASSERT_TRUE(w.flush(&r.ring, 0, out));
+    ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
     r.complete(w, out);
   }
   EXPECT_GE(list_segments(f.t.path).size(), 2u);
@@ -162,7 +175,7 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
   w.append(a.data(), a.size(), 1);
   w.append(b.data(), b.size(), 2);
   w.inject_failure(EIO);
-  ASSERT_TRUE(w.flush(&r.ring, 0, out));
+  ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
   // Arrives while the failing batch is in flight: it belongs to the next batch.
   w.append(c.data(), c.size(), 3);
   r.complete(w, out);
@@ -171,7 +184,7 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
   EXPECT_FALSE(out[1].ok);
   EXPECT_EQ(w.last_error(), "Input/output error");
   out.clear();
-  EXPECT_FALSE(w.flush(&r.ring, 0, out));  // unhealthy: refused without I/O
+  EXPECT_FALSE(w.flush(&r.ring, ring_fixture::ud_base, out));  // unhealthy: refused without I/O
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(out[0].token, 3u);
   EXPECT_FALSE(out[0].ok);
@@ -191,11 +204,149 @@ TEST(Writer, FsyncOffWritesWithoutFdatasync) {
   std::vector<writer::result> out;
   w.append(a.data(), a.size(), 1);
   w.append(b.data(), b.size(), 2);
-  ASSERT_TRUE(w.flush(&r.ring, 0, out));
+  ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
   EXPECT_EQ(io_uring_sq_ready(&r.ring), 1u);  // the writev only
   r.complete(w, out);
   ASSERT_EQ(out.size(), 2u);
   EXPECT_TRUE(out[0].ok && out[1].ok);
   recovery_report rep;
   EXPECT_EQ(f.recovered(rep).size(), 2u);
+}
+
+namespace {
+std::string sized_msg(writer& w, size_t content) {
+  char id[19];
+  w.next_id(id);
+  std::string b;
+  size_t s = begin_record(b, record_type::message);
+  envelope_in e;
+  e.id = std::string_view(id, 18);
+  put_message_head(b, e, 0);
+  uint32_t n = static_cast<uint32_t>(content);
+  b.append(reinterpret_cast<const char*>(&n), 4);
+  b.append(content, 'x');
+  finish_record(b, s);
+  return b;
+}
+uint64_t allocated_bytes(const std::string& path) {
+  struct stat st;
+  EXPECT_EQ(::stat(path.c_str(), &st), 0);
+  return uint64_t(st.st_blocks) * 512;
+}
+}  // namespace
+
+// Batches stop at max_batch_bytes and at IOV_MAX / 3 records; every token still gets its
+// result, in order, after its own batch's fdatasync.
+TEST(Writer, BatchesBoundedInBytesAndRecords) {
+  writer::options o;
+  o.max_batch_bytes = 3 * 1100;
+  writer_fixture f(64ull << 20, true, o);
+  auto& w = f.w;
+  std::vector<std::string> big;
+  for (int i = 0; i < 7; ++i) big.push_back(sized_msg(w, 1000));
+  std::vector<writer::result> out;
+  for (size_t i = 0; i < big.size(); ++i) w.append(big[i].data(), big[i].size(), i);
+  while (!w.idle()) {
+    if (!w.io_pending()) {
+      ASSERT_TRUE(w.flush(&f.r.ring, ring_fixture::ud_base, out));
+    }
+    f.r.complete(w, out);
+  }
+  EXPECT_EQ(w.batches(), 3u);  // 3 + 3 + 1
+  ASSERT_EQ(out.size(), 7u);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_EQ(out[i].token, i);
+
+  recovery_report rep;
+  EXPECT_EQ(f.recovered(rep).size(), 7u);
+
+  writer_fixture g;
+  std::vector<std::string> small;
+  for (int i = 0; i < 400; ++i) small.push_back(make_msg(g.w));
+  out.clear();
+  for (size_t i = 0; i < small.size(); ++i) g.w.append(small[i].data(), small[i].size(), i);
+  ASSERT_TRUE(g.w.flush(&g.r.ring, ring_fixture::ud_base, out));
+  g.r.complete(g.w, out);
+  EXPECT_EQ(out.size(), 341u);  // 1024 iovecs / 3 per record
+  ASSERT_TRUE(g.w.flush(&g.r.ring, ring_fixture::ud_base, out));
+  g.r.complete(g.w, out);
+  EXPECT_EQ(out.size(), 400u);
+  EXPECT_EQ(g.recovered(rep).size(), 400u);
+}
+
+// Rollover goes through a spare segment prepared on the ring (a tiny ring forces the
+// SQ-full path); the closed segment and, at close(), the current one are trimmed to their
+// end: no KEEP_SIZE preallocation left behind.
+TEST(Writer, RollsOverThroughTheRingAndTrims) {
+  writer_fixture f(1 << 20, true, {}, 4);
+  auto& w = f.w;
+  std::vector<std::string> msgs;
+  for (int i = 0; i < 30; ++i) msgs.push_back(sized_msg(w, 100000));
+  std::vector<writer::result> out;
+  for (size_t i = 0; i < msgs.size(); ++i) {
+    w.append(msgs[i].data(), msgs[i].size(), i);
+    ASSERT_TRUE(w.flush(&f.r.ring, ring_fixture::ud_base, out));
+    f.r.complete(w, out);
+  }
+  ASSERT_EQ(out.size(), msgs.size());
+  for (auto& x : out) EXPECT_TRUE(x.ok);
+  EXPECT_GE(w.rollovers(), 2u);
+  auto segs = list_segments(f.t.path);
+  ASSERT_GE(segs.size(), 3u);
+  std::string current = w.segment_path();
+  for (auto& s : segs) {
+    if (s == current) continue;
+    uint64_t size = std::filesystem::file_size(s);
+    if (size <= segment_header_record_size) continue;  // the spare prepared next
+    EXPECT_LE(allocated_bytes(s), (size + 4095) / 4096 * 4096 + 4096) << s << " keeps its preallocation";
+  }
+  w.close();
+  uint64_t size = std::filesystem::file_size(current);
+  EXPECT_LE(allocated_bytes(current), (size + 4095) / 4096 * 4096 + 4096) << "close() did not trim";
+  recovery_report rep;
+  auto q = f.recovered(rep);
+  EXPECT_EQ(q.size(), msgs.size());
+  EXPECT_EQ(rep.new_damage, 0u);
+}
+
+// Regression: a batch over 2 GiB failed with a false ENOSPC (Linux writev stops at
+// 0x7ffff000 bytes) and marked the spool unhealthy. The short write is now continued.
+TEST(Writer, BatchOverTwoGiBIsContinued) {
+  struct statvfs vf;
+  if (statvfs("/var/tmp", &vf) != 0 || uint64_t(vf.f_bavail) * vf.f_frsize < (6ull << 30))
+    GTEST_SKIP() << "needs 6 GiB free in /var/tmp";
+  char tmpl[] = "/var/tmp/tern-writer-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::string dir = tmpl;
+  struct cleanup {
+    std::string d;
+    ~cleanup() { std::filesystem::remove_all(d); }
+  } c{dir};
+  std::string err;
+  ASSERT_TRUE(ensure_spool_dirs(dir, err)) << err;
+  ring_fixture r;
+  writer w;
+  writer::options o;
+  o.dir = dir;
+  o.segment_size = 8ull << 30;
+  o.max_batch_bytes = 4ull << 30;
+  ASSERT_TRUE(w.open(o, err)) << err;
+  std::string rec = sized_msg(w, (64u << 20) - 100);
+  std::vector<writer::result> out;
+  for (int i = 0; i < 40; ++i) w.append(rec.data(), rec.size(), static_cast<uint64_t>(i));
+  ASSERT_TRUE(w.flush(&r.ring, ring_fixture::ud_base, out));
+  r.complete(w, out);
+  ASSERT_EQ(out.size(), 40u);
+  for (auto& x : out) EXPECT_TRUE(x.ok);
+  EXPECT_TRUE(w.healthy()) << w.last_error();
+  EXPECT_EQ(w.batches(), 1u);
+  EXPECT_GE(w.continued_writes(), 1u);
+  EXPECT_EQ(std::filesystem::file_size(w.segment_path()), segment_header_record_size + 40 * rec.size());
+  segment_scan sc;
+  size_t n = 0;
+  ASSERT_TRUE(scan_segment(w.segment_path(), sc, [&](const record_view& rv, uint64_t) {
+    n += rv.type == record_type::message;
+  }));
+  EXPECT_EQ(n, 40u);
+  EXPECT_TRUE(sc.clean());
+  w.close();
 }
