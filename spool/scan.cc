@@ -26,14 +26,31 @@ std::string segment_name(uint64_t segment_id, uint32_t shard) {
   return b;
 }
 
+// Like mkdir -p, and durable: a directory this creates is fsynced into its parent (a new
+// directory entry survives a power cut only once the parent directory is synced), so the
+// first start on an empty disk cannot lose the spool that it acknowledged mail into.
 bool ensure_spool_dirs(const std::string& spool_dir, std::string& err) {
-  std::string path;
+  auto sync_dir = [&](const std::string& d) {
+    int fd = ::open(d.empty() ? "/" : d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || ::fsync(fd) != 0) {
+      err = (d.empty() ? std::string("/") : d) + ": fsync: " + strerror(errno);
+      if (fd >= 0) ::close(fd);
+      return false;
+    }
+    ::close(fd);
+    return true;
+  };
+  auto parent = [](const std::string& p) {
+    auto s = p.find_last_of('/');
+    return s == std::string::npos ? std::string(".") : p.substr(0, s);
+  };
   auto make = [&](const std::string& p) {
-    if (::mkdir(p.c_str(), 0700) != 0 && errno != EEXIST) {
+    if (::mkdir(p.c_str(), 0700) != 0) {
+      if (errno == EEXIST) return true;
       err = p + ": " + strerror(errno);
       return false;
     }
-    return true;
+    return sync_dir(parent(p));
   };
   for (size_t i = 1; i <= spool_dir.size(); ++i)
     if (i == spool_dir.size() || spool_dir[i] == '/')
