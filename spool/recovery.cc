@@ -155,6 +155,20 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
         ::close(fd);
       }
     }
+    if (sc.unused_bytes > 0) {
+      // A pre-zeroed segment that a crash (or an older writer) left with its zeros: give
+      // the space back. Not damage, no note; the summary counts it.
+      rep.unused_bytes += sc.unused_bytes;
+      if (repair) {
+        int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(sc.valid_end)) != 0 || ::fsync(fd) != 0) {
+          err = fmt::format("{}: cannot trim pre-zeroed space: {}", path, strerror(errno));
+          if (fd >= 0) ::close(fd);
+          return false;
+        }
+        ::close(fd);
+      }
+    }
     if (!sc.header_ok && sc.file_size > 0)
       rep.notes.push_back(fmt::format("{}: no valid segment header", name));
     // Removed only when scanned without any damage (new or known) and holding nothing:

@@ -31,6 +31,7 @@ struct recovery_report {
   uint64_t messages = 0;          // message records seen
   uint64_t done = 0;              // done records seen
   uint64_t torn_bytes = 0;        // truncated
+  uint64_t unused_bytes = 0;      // pre-zeroed space after the last record (trimmed; not damage)
   uint64_t quarantined_bytes = 0; // new corrupt/tail regions (kept in place)
   uint32_t new_damage = 0;        // damaged regions not in the ledger yet (and bad messages)
   uint32_t known_damage = 0;      // damaged regions already quarantined by an earlier run

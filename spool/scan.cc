@@ -107,8 +107,13 @@ size_t resync(std::span<const unsigned char> d, size_t from, uint64_t nonce, seg
 }
 
 bool all_zero(std::span<const unsigned char> d, size_t from) {
-  for (size_t i = from; i < d.size(); ++i)
-    if (d[i]) return false;
+  static const unsigned char zero[4096] = {};
+  size_t i = from;
+  while (i < d.size()) {
+    size_t n = std::min(sizeof zero, d.size() - i);
+    if (memcmp(d.data() + i, zero, n) != 0) return false;
+    i += n;
+  }
   return true;
 }
 
@@ -216,6 +221,12 @@ bool scan_bytes(std::span<const unsigned char> d, segment_scan& out, const recor
       off += rv.size;
       out.valid_end = off;
       continue;
+    }
+    // Zeros right after the last good record, to the end: space written ahead of use
+    // (spool.preallocate = "zero") that no batch reached. Not damage.
+    if (off == out.valid_end && all_zero(d, off)) {
+      out.unused_bytes = d.size() - off;
+      break;
     }
     size_t next = resync(d, off + 1, out.nonce, out);
     if (next != npos) {

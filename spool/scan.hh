@@ -10,6 +10,9 @@
 // nothing) and checks that candidate. If a valid record follows, the bytes in between are
 // a `corrupt` region: kept in place, quarantined by recovery, and the walk goes on. If
 // nothing valid follows:
+// Zeros from the end of the last good record to the end of the file are not damage: a
+// pre-zeroed segment (spool.preallocate = "zero") looks like that until it is full; they
+// are reported as unused_bytes. Otherwise:
 //   - `torn`: what is left cannot be a record: all zero, a header cut short, or a length
 //     running past the end of the file (an interrupted append). Recovery copies the bytes
 //     to quarantine/ (unless all zero) and truncates.
@@ -50,6 +53,7 @@ struct segment_scan {
   bool nonce_known = false;
   uint64_t nonce = 0;
   uint64_t valid_end = 0;       // end of the last good record
+  uint64_t unused_bytes = 0;    // zeros from valid_end to the end: pre-zeroed space, not damage
   std::vector<damage> damaged;  // in file order; at most one torn or tail, last
   uint64_t crc_bytes = 0;       // work done by the CRC (for the linear-time tests)
   uint64_t candidates = 0;      // resync candidates checked

@@ -1,6 +1,7 @@
 #include "spool/writer.hh"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,6 +53,7 @@ void prep_ftruncate(io_uring_sqe* s, int fd, uint64_t len) {
 writer::~writer() {
   if (fd_ >= 0) ::close(fd_);
   if (spare_.fd >= 0) ::close(spare_.fd);
+  if (zeros_) munmap(const_cast<char*>(zeros_), zeros_len_);
   if (dir_fd_ >= 0) ::close(dir_fd_);
 }
 
@@ -95,6 +97,22 @@ bool writer::open(const options& o, std::string& err) {
   path_ = path;
   offset_ = hdr.size();
   set_nonce(nonce);
+  // prezero: the first segment is only reserved (start-up stays fast); a zeroed one is
+  // prepared through the ring at once and taken as soon as it is ready. The zeros come
+  // from an anonymous read-only map: it reads as the kernel's zero page and costs no RSS.
+  cur_zeroed_ = false;
+  if (o.prezero) {
+    void* z = mmap(nullptr, static_cast<size_t>(o.segment_size), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (z == MAP_FAILED) {
+      log::warn("spool: shard {}: cannot map {} bytes of zeros: segments are reserved, not pre-zeroed", o.shard,
+                o.segment_size);
+      opt_.prezero = false;
+    } else {
+      zeros_ = static_cast<const char*>(z);
+      zeros_len_ = static_cast<size_t>(o.segment_size);
+    }
+  }
   if (!o.fsync)
     log::warn("spool: shard {}: [spool] fsync = false: mail is acknowledged before it is on disk "
               "and is lost on power loss", o.shard);
@@ -137,7 +155,10 @@ bool writer::flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out) {
   }
   // segment_size is a soft bound: without a ready spare the current segment grows on
   // (the spare's preparation is retried at the next tick) rather than block the shard.
-  if (offset_ >= opt_.segment_size && spare_.state == spare_state::ready) roll_to_spare();
+  // With prezero, a segment that is not pre-zeroed (the first one, or one cut back after
+  // a failure) is left as soon as a zeroed spare is ready.
+  if ((offset_ >= opt_.segment_size || (opt_.prezero && !cur_zeroed_)) && spare_.state == spare_state::ready)
+    roll_to_spare();
   size_t n = 0;
   batch_bytes_ = 0;
   while (n < pending_.size() && n < max_iov / iov_per_record &&
@@ -201,6 +222,12 @@ void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
       }
       spare_.fd = res;
       spare_.state = spare_state::preparing;
+      if (opt_.prezero) {
+        spare_.zeroed = 0;
+        spare_.ok = true;
+        spare_write_zeros();
+        return;
+      }
       {
         // One chain: preallocate (best effort: a hard link, so its failure does not cancel
         // the rest), header, fdatasync, directory fsync (the new name is durable).
@@ -223,6 +250,23 @@ void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
         spare_.ok = true;
         aux_inflight_ += 4;
       }
+      return;
+    case op_spare_zero:
+      --aux_inflight_;
+      if (res <= 0) {  // an error, or no progress: the preparation fails and is retried
+        if (res < 0)
+          log::error("spool: shard {}: writing zeros into the next segment {}: {}", opt_.shard, spare_.name,
+                     strerror(-res));
+        spare_.steps_left = 1;
+        ++aux_inflight_;  // spare_step_done() counts one down
+        spare_step_done(false);
+        return;
+      }
+      spare_.zeroed += static_cast<uint64_t>(res);
+      if (spare_.zeroed < opt_.segment_size)
+        spare_write_zeros();  // a short write: the rest
+      else
+        spare_header_chain();
       return;
     case op_spare_header:
       spare_step_done(res == static_cast<int>(spare_.hdr.size()));
@@ -284,10 +328,41 @@ void writer::spare_step_done(bool ok) {
   spare_.state = spare_state::failed;
 }
 
-// Past half of segment_size: create the next segment through the ring, so the rollover
-// itself is only a switch of file descriptors.
+// prezero: fill the spare with zeros, one WRITE (continued if short), not linked: it is
+// long, and nothing waits for it. Then the header chain.
+void writer::spare_write_zeros() {
+  io_uring_sqe* z = sqe();
+  uint64_t left = opt_.segment_size - spare_.zeroed;
+  io_uring_prep_write(z, spare_.fd, zeros_ + spare_.zeroed, static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30)),
+                      spare_.zeroed);
+  tag(z, op_spare_zero);
+  ++aux_inflight_;
+}
+
+// prezero: header over the zeros, fdatasync (the zeros, the header and the file's size
+// and extents), directory fsync (the new name).
+void writer::spare_header_chain() {
+  io_uring_sqe* w = sqe(3);
+  io_uring_prep_write(w, spare_.fd, spare_.hdr.data(), static_cast<unsigned>(spare_.hdr.size()), 0);
+  w->flags |= IOSQE_IO_LINK;
+  tag(w, op_spare_header);
+  io_uring_sqe* f = io_uring_get_sqe(ring_);
+  io_uring_prep_fsync(f, spare_.fd, IORING_FSYNC_DATASYNC);
+  f->flags |= IOSQE_IO_LINK;
+  tag(f, op_spare_step);
+  io_uring_sqe* d = io_uring_get_sqe(ring_);
+  io_uring_prep_fsync(d, dir_fd_, 0);
+  tag(d, op_spare_step);
+  spare_.steps_left = 3;
+  aux_inflight_ += 3;
+}
+
+// Past half of segment_size (or at once, with prezero, while the current segment is not
+// pre-zeroed): create the next segment through the ring, so the rollover itself is only a
+// switch of file descriptors.
 void writer::maybe_prepare_spare() {
-  if (spare_.state != spare_state::none || offset_ < opt_.segment_size / 2 || !ring_) return;
+  if (spare_.state != spare_state::none || !ring_) return;
+  if (offset_ < opt_.segment_size / 2 && !(opt_.prezero && !cur_zeroed_)) return;
   spare_.id = std::max(segment_id_ + 1, wall_us() / 1000);
   spare_.name = segment_name(spare_.id, opt_.shard);
   spare_.nonce = new_nonce();
@@ -316,6 +391,7 @@ void writer::roll_to_spare() {
   segment_id_ = spare_.id;
   offset_ = spare_.hdr.size();
   set_nonce(spare_.nonce);
+  cur_zeroed_ = opt_.prezero;
   spare_.fd = -1;
   spare_.state = spare_state::none;
   ++rollovers_;
@@ -369,6 +445,8 @@ void writer::fail_batch(int err, const char* what, std::vector<result>& out) {
   log::error("spool: shard {}: {} of {} message(s) ({} bytes) to {} at offset {} failed: {} (errno {})", opt_.shard,
              what, batch_.size(), batch_bytes_, path_, offset_, last_error_, err);
   // Nothing half-written may count: cut the segment back to where this batch began.
+  // (That also drops a pre-zeroed segment's zeros: the next zeroed spare replaces it.)
+  cur_zeroed_ = false;
   io_uring_sqe* t = sqe();
   prep_ftruncate(t, fd_, offset_);
   tag(t, op_cut);

@@ -55,6 +55,11 @@ class writer {
     bool fsync = true;
     // A batch stops growing at this many bytes (one record larger than this goes alone).
     uint64_t max_batch_bytes = 64ull << 20;
+    // true ([spool] preallocate = "zero"): segments are written full of zeros (and synced)
+    // before they are used, so an append overwrites initialised blocks of a file whose size
+    // does not change, and its fdatasync has no metadata to commit (no journal commit on
+    // ext4/xfs). false ("reserve"): fallocate(KEEP_SIZE), the size grows with every batch.
+    bool prezero = true;
   };
   struct result {
     uint64_t token;
@@ -71,6 +76,7 @@ class writer {
     op_cut = 6,           // FTRUNCATE back to the last durable offset after a failed batch
     op_probe = 7,         // health probe: FDATASYNC, FTRUNCATE, FDATASYNC
     op_probe_write = 8,   // health probe: the pad WRITE
+    op_spare_zero = 9,    // spare segment: a WRITE of zeros (prezero)
   };
 
   writer() = default;
@@ -138,6 +144,8 @@ class writer {
   void maybe_prepare_spare();
   void spare_step_done(bool ok);
   void roll_to_spare();
+  void spare_write_zeros();
+  void spare_header_chain();
   void set_nonce(uint64_t n) noexcept;
 
   options opt_;
@@ -176,7 +184,11 @@ class writer {
     uint64_t id = 0, nonce = 0;
     unsigned steps_left = 0;
     bool ok = true;
+    uint64_t zeroed = 0;  // prezero: bytes of zeros written so far
   } spare_;
+  bool cur_zeroed_ = false;       // the current segment was pre-zeroed (prezero)
+  const char* zeros_ = nullptr;   // prezero: segment_size bytes of a read-only anonymous map
+  size_t zeros_len_ = 0;
   unsigned aux_inflight_ = 0;  // SQEs other than the batch's (spare, retire, cut, probe)
   bool probing_ = false;
   unsigned probe_left_ = 0;

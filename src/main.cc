@@ -81,9 +81,9 @@ int run(const config::config& cfg) {
   }
   for (auto& n : rep.notes) log::warn("spool recovery: {}", n);
   log::info("spool recovery: {} segment(s), {} message record(s), {} done, {} queued, {} torn byte(s) truncated, "
-            "{} corrupt byte(s) quarantined, {} empty segment(s) removed",
+            "{} corrupt byte(s) quarantined, {} empty segment(s) removed, {} pre-zeroed byte(s) trimmed",
             rep.segments, rep.messages, rep.done, queue.size(), rep.torn_bytes, rep.quarantined_bytes,
-            rep.segments_removed);
+            rep.segments_removed, rep.unused_bytes);
 
   // Listening sockets: one per shard per listener; port 0 is resolved once, then shared.
   std::vector<std::vector<int>> fds(nshards);

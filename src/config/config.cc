@@ -167,7 +167,13 @@ config parse(const ctx& c, const toml::table& root) {
     c.fail(root.get("log_level")->source(), "log_level", "expected debug, info, warning or error");
 
   if (auto* s = get_table(c, root, "spool")) {
-    check_keys(c, *s, "spool.", {"dir", "segment_size", "fsync", "max_batch_bytes"});
+    check_keys(c, *s, "spool.", {"dir", "segment_size", "fsync", "max_batch_bytes", "preallocate"});
+    {
+      std::string pa = get_str(c, *s, "preallocate", "spool.preallocate", "zero");
+      if (pa != "zero" && pa != "reserve")
+        c.fail(s->get("preallocate")->source(), "spool.preallocate", "expected \"zero\" or \"reserve\"");
+      cfg.spool.prezero = pa == "zero";
+    }
     cfg.spool.dir = get_str(c, *s, "dir", "spool.dir", cfg.spool.dir);
     if (cfg.spool.dir.empty()) c.fail(s->get("dir")->source(), "spool.dir", "must not be empty");
     cfg.spool.segment_size = get_int<uint64_t>(c, *s, "segment_size", "spool.segment_size",

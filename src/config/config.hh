@@ -59,6 +59,9 @@ struct config {
     // mail is lost on power loss or kernel crash (battery-backed or throw-away setups).
     bool fsync = true;
     uint64_t max_batch_bytes = 64ull << 20;  // a group-commit batch stops growing here
+    // "zero": segments are written full of zeros ahead of use (appends overwrite, fdatasync
+    // commits no metadata); "reserve": fallocate(KEEP_SIZE), the size grows per batch.
+    bool prezero = true;
   } spool;
   std::vector<listener> listen;
   struct {

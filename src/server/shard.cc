@@ -90,6 +90,7 @@ bool shard::init(std::string& err) {
   wo.segment_size = cfg_.spool.segment_size;
   wo.fsync = cfg_.spool.fsync;
   wo.max_batch_bytes = cfg_.spool.max_batch_bytes;
+  wo.prezero = cfg_.spool.prezero;
   wo.epoch_floor_ms = setup_.epoch_floor_ms;
   wo.segment_floor_id = setup_.segment_floor_id;
   if (!writer_.open(wo, err)) {

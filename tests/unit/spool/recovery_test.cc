@@ -382,13 +382,29 @@ TEST(Recovery, QuarantinesCorruptMiddleAndKeepsWhatFollows) {
   EXPECT_EQ(f.read(), all) << "the corrupt region stays in place";
 }
 
-TEST(Recovery, ZeroFilledTailIsTorn) {
+// Zeros after the last record are a pre-zeroed segment's unused space: not damage, no
+// note, trimmed at repair (and a torn record in front of zeros is still torn: below).
+TEST(Recovery, ZeroFilledTailIsUnusedSpaceNotDamage) {
   spool_fixture f;
-  f.write(header() + msg(id(1)) + std::string(4096, '\0'));
+  std::string good = header() + msg(id(1));
+  f.write(good + std::string(4096, '\0'));
   auto [q, rep] = recover(f.t.path, true);
   EXPECT_EQ(q.size(), 1u);
-  EXPECT_EQ(rep.torn_bytes, 4096u);
-  EXPECT_EQ(rep.quarantined_bytes, 0u);
+  EXPECT_EQ(rep.torn_bytes, 0u);
+  EXPECT_EQ(rep.unused_bytes, 4096u);
+  EXPECT_EQ(rep.new_damage, 0u);
+  EXPECT_TRUE(rep.notes.empty());
+  EXPECT_EQ(f.read(), good) << "trimmed to the last record";
+}
+
+TEST(Recovery, TornRecordBeforeZerosIsStillTorn) {
+  spool_fixture f;
+  std::string m2 = msg(id(2));
+  f.write(header() + msg(id(1)) + m2.substr(0, m2.size() / 2) + std::string(8192, '\0'));
+  auto [q, rep] = recover(f.t.path, true);
+  EXPECT_EQ(q.size(), 1u);
+  EXPECT_EQ(rep.new_damage, 1u);
+  EXPECT_EQ(rep.unused_bytes, 0u);
 }
 
 TEST(Recovery, RemovesEmptySegments) {

@@ -197,7 +197,9 @@ TEST(Writer, EioOnFsyncFailsTheBatch) {
 // [spool] fsync = false: one writev per batch and no fdatasync; the tokens succeed on the
 // write completion and the records are readable.
 TEST(Writer, FsyncOffWritesWithoutFdatasync) {
-  writer_fixture f(64ull << 20, false);
+  writer::options o;
+  o.prezero = false;  // no spare preparation in the same submission: the SQ holds the writev alone
+  writer_fixture f(64ull << 20, false, o);
   auto& w = f.w;
   auto& r = f.r;
   std::string a = make_msg(w), b = make_msg(w);
@@ -349,4 +351,39 @@ TEST(Writer, BatchOverTwoGiBIsContinued) {
   EXPECT_EQ(n, 40u);
   EXPECT_TRUE(sc.clean());
   w.close();
+}
+
+// spool.preallocate = "zero": the first segment is only reserved; a zeroed spare is
+// prepared through the ring at once and taken as soon as it is ready. A zeroed segment
+// keeps its full size while it is written (appends overwrite zeros), recovery reads its
+// records and counts the zeros after them as unused space, not damage, and close() trims.
+TEST(Writer, PrezeroedSegmentsAreTakenAtOnceAndRecoverClean) {
+  writer_fixture f(1 << 20, true, {}, 8);
+  auto& w = f.w;
+  std::vector<std::string> msgs;
+  for (int i = 0; i < 6; ++i) msgs.push_back(make_msg(w));
+  std::vector<writer::result> out;
+  w.append(msgs[0].data(), msgs[0].size(), 0);
+  ASSERT_TRUE(w.flush(&f.r.ring, ring_fixture::ud_base, out));
+  f.r.complete(w, out);  // the batch, and the zeroed spare's preparation
+  std::string first = w.segment_path();
+  for (size_t i = 1; i < msgs.size(); ++i) {
+    w.append(msgs[i].data(), msgs[i].size(), i);
+    ASSERT_TRUE(w.flush(&f.r.ring, ring_fixture::ud_base, out));
+    f.r.complete(w, out);
+  }
+  ASSERT_EQ(out.size(), msgs.size());
+  for (auto& x : out) EXPECT_TRUE(x.ok);
+  EXPECT_EQ(w.rollovers(), 1u) << "the zeroed spare replaces the reserved first segment";
+  EXPECT_NE(w.segment_path(), first);
+  EXPECT_EQ(std::filesystem::file_size(w.segment_path()), uint64_t(1) << 20) << "zeros to the segment size";
+  recovery_report rep;
+  EXPECT_EQ(f.recovered(rep).size(), msgs.size());
+  EXPECT_EQ(rep.new_damage, 0u);
+  EXPECT_EQ(rep.torn_bytes, 0u);
+  EXPECT_GT(rep.unused_bytes, (uint64_t(1) << 20) - 4096);
+  std::string cur = w.segment_path();
+  uint64_t end = w.offset();
+  w.close();
+  EXPECT_EQ(std::filesystem::file_size(cur), end) << "close() trims the zeros";
 }
