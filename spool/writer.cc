@@ -228,28 +228,8 @@ void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
         spare_write_zeros();
         return;
       }
-      {
-        // One chain: preallocate (best effort: a hard link, so its failure does not cancel
-        // the rest), header, fdatasync, directory fsync (the new name is durable).
-        io_uring_sqe* a = sqe(4);
-        io_uring_prep_fallocate(a, spare_.fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(opt_.segment_size));
-        a->flags |= IOSQE_IO_HARDLINK;
-        tag(a, op_spare_step);
-        io_uring_sqe* w = io_uring_get_sqe(ring_);
-        io_uring_prep_write(w, spare_.fd, spare_.hdr.data(), static_cast<unsigned>(spare_.hdr.size()), 0);
-        w->flags |= IOSQE_IO_LINK;
-        tag(w, op_spare_header);
-        io_uring_sqe* f = io_uring_get_sqe(ring_);
-        io_uring_prep_fsync(f, spare_.fd, IORING_FSYNC_DATASYNC);
-        f->flags |= IOSQE_IO_LINK;
-        tag(f, op_spare_step);
-        io_uring_sqe* d = io_uring_get_sqe(ring_);
-        io_uring_prep_fsync(d, dir_fd_, 0);
-        tag(d, op_spare_step);
-        spare_.steps_left = 4;
-        spare_.ok = true;
-        aux_inflight_ += 4;
-      }
+      spare_.ok = true;
+      spare_header_chain(true);
       return;
     case op_spare_zero:
       --aux_inflight_;
@@ -266,7 +246,7 @@ void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
       if (spare_.zeroed < opt_.segment_size)
         spare_write_zeros();  // a short write: the rest
       else
-        spare_header_chain();
+        spare_header_chain(false);
       return;
     case op_spare_header:
       spare_step_done(res == static_cast<int>(spare_.hdr.size()));
@@ -339,10 +319,20 @@ void writer::spare_write_zeros() {
   ++aux_inflight_;
 }
 
-// prezero: header over the zeros, fdatasync (the zeros, the header and the file's size
-// and extents), directory fsync (the new name).
-void writer::spare_header_chain() {
-  io_uring_sqe* w = sqe(3);
+// One linked chain: [preallocate (reserve; best effort: a hard link, so its failure does
+// not cancel the rest)], header, fdatasync (with prezero: the zeros too, and the file's
+// size and extents), directory fsync (the new name is durable).
+void writer::spare_header_chain(bool reserve) {
+  io_uring_sqe* w;
+  if (reserve) {
+    io_uring_sqe* a = sqe(4);
+    io_uring_prep_fallocate(a, spare_.fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(opt_.segment_size));
+    a->flags |= IOSQE_IO_HARDLINK;
+    tag(a, op_spare_step);
+    w = io_uring_get_sqe(ring_);
+  } else {
+    w = sqe(3);
+  }
   io_uring_prep_write(w, spare_.fd, spare_.hdr.data(), static_cast<unsigned>(spare_.hdr.size()), 0);
   w->flags |= IOSQE_IO_LINK;
   tag(w, op_spare_header);
@@ -353,8 +343,8 @@ void writer::spare_header_chain() {
   io_uring_sqe* d = io_uring_get_sqe(ring_);
   io_uring_prep_fsync(d, dir_fd_, 0);
   tag(d, op_spare_step);
-  spare_.steps_left = 3;
-  aux_inflight_ += 3;
+  spare_.steps_left = reserve ? 4 : 3;
+  aux_inflight_ += spare_.steps_left;
 }
 
 // Past half of segment_size (or at once, with prezero, while the current segment is not

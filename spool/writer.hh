@@ -145,7 +145,7 @@ class writer {
   void spare_step_done(bool ok);
   void roll_to_spare();
   void spare_write_zeros();
-  void spare_header_chain();
+  void spare_header_chain(bool reserve);
   void set_nonce(uint64_t n) noexcept;
 
   options opt_;
