@@ -169,12 +169,12 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
         ::close(fd);
       }
     }
-    if (!sc.header_ok && sc.file_size > 0)
+    if (!sc.header_ok && sc.file_size > sc.unused_bytes)
       rep.notes.push_back(fmt::format("{}: no valid segment header", name));
     // Removed only when scanned without any damage (new or known) and holding nothing:
     // no message record and no done record (a done record may close a message of an
     // earlier segment). A segment with quarantined bytes may still hold mail: kept.
-    if (repair && sc.clean() && msgs_here == 0 && done_here == 0 && (sc.header_ok || sc.file_size == 0)) {
+    if (repair && sc.clean() && msgs_here == 0 && done_here == 0 && (sc.header_ok || sc.file_size == sc.unused_bytes)) {
       ::unlink(path.c_str());
       ++rep.segments_removed;
     }

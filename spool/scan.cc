@@ -203,6 +203,12 @@ bool scan_bytes(std::span<const unsigned char> d, segment_scan& out, const recor
       }
     }
   }
+  if (!out.nonce_known && all_zero(d, 0)) {
+    // Only zeros: a spare segment whose preparation (zeros first, header last) was cut
+    // short. Nothing was ever written to it; not damage.
+    out.unused_bytes = d.size();
+    return true;
+  }
   if (!out.nonce_known) {
     out.damaged.push_back(classify_tail(d, 0, d.size() < record_header_size ? record_fault::short_header : f, false,
                                        out.budget_exhausted));

@@ -397,6 +397,18 @@ TEST(Recovery, ZeroFilledTailIsUnusedSpaceNotDamage) {
   EXPECT_EQ(f.read(), good) << "trimmed to the last record";
 }
 
+// A spare segment cut short while its zeros were written (the header comes last): only
+// zeros, no header. Nothing was written to it: removed without a damage report.
+TEST(Recovery, ZeroOnlySpareIsRemovedQuietly) {
+  spool_fixture f;
+  f.write(std::string(1 << 16, '\0'));
+  auto [q, rep] = recover(f.t.path, true);
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(rep.new_damage, 0u);
+  EXPECT_TRUE(rep.notes.empty());
+  EXPECT_EQ(rep.segments_removed, 1u);
+}
+
 TEST(Recovery, TornRecordBeforeZerosIsStillTorn) {
   spool_fixture f;
   std::string m2 = msg(id(2));
