@@ -97,9 +97,9 @@ bool writer::open(const options& o, std::string& err) {
   path_ = path;
   offset_ = hdr.size();
   set_nonce(nonce);
-  // prezero: the first segment is only reserved (start-up stays fast); a zeroed one is
-  // prepared through the ring at once and taken as soon as it is ready. The zeros come
-  // from an anonymous read-only map: it reads as the kernel's zero page and costs no RSS.
+  // prezero: the first segment is only reserved (start-up stays fast); the spare prepared
+  // at half of it is zeroed, and taken as soon as it is ready. The zeros come from an
+  // anonymous read-only map: it reads as the kernel's zero page and costs no RSS.
   cur_zeroed_ = false;
   if (o.prezero) {
     void* z = mmap(nullptr, static_cast<size_t>(o.segment_size), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -156,7 +156,7 @@ bool writer::flush(io_uring* ring, uint64_t ud_base, std::vector<result>& out) {
   // segment_size is a soft bound: without a ready spare the current segment grows on
   // (the spare's preparation is retried at the next tick) rather than block the shard.
   // With prezero, a segment that is not pre-zeroed (the first one, or one cut back after
-  // a failure) is left as soon as a zeroed spare is ready.
+  // a failure) is left as soon as a zeroed spare is ready (prepared at half of it).
   if ((offset_ >= opt_.segment_size || (opt_.prezero && !cur_zeroed_)) && spare_.state == spare_state::ready)
     roll_to_spare();
   size_t n = 0;
@@ -347,12 +347,11 @@ void writer::spare_header_chain(bool reserve) {
   aux_inflight_ += spare_.steps_left;
 }
 
-// Past half of segment_size (or at once, with prezero, while the current segment is not
-// pre-zeroed): create the next segment through the ring, so the rollover itself is only a
-// switch of file descriptors.
+// Past half of segment_size: create the next segment through the ring, so the rollover
+// itself is only a switch of file descriptors. (Not earlier: a spool that takes little
+// mail never writes a segment of zeros; a busy one has zeroed segments from its second.)
 void writer::maybe_prepare_spare() {
-  if (spare_.state != spare_state::none || !ring_) return;
-  if (offset_ < opt_.segment_size / 2 && !(opt_.prezero && !cur_zeroed_)) return;
+  if (spare_.state != spare_state::none || !ring_ || offset_ < opt_.segment_size / 2) return;
   spare_.id = std::max(segment_id_ + 1, wall_us() / 1000);
   spare_.name = segment_name(spare_.id, opt_.shard);
   spare_.nonce = new_nonce();

@@ -238,7 +238,14 @@ void reactor::dispatch(const io_uring_cqe& cqe) {
   if (k == owner::reactor) {
     if (ud::op(d) == op_wake) {
       wake_armed_ = false;
-      arm_wake();  // the inbox is drained at the top of the next iteration
+      // The inbox is drained at the top of the next iteration. A READ that failed (not
+      // expected on an eventfd: io_uring polls it) is re-armed at the next tick instead of
+      // at once, so an error cannot make the loop spin.
+      if (cqe.res < 0 && cqe.res != -EINTR) {
+        wake_failed_ = true;
+        return;
+      }
+      arm_wake();
     } else if (int bid = buffer_ring::id_of(cqe); bid >= 0) {
       bufs_.recycle(static_cast<uint16_t>(bid));  // the probe's last completion
     }
@@ -264,6 +271,11 @@ void reactor::reap() {
 }
 
 void reactor::run_once(loop_hooks& hooks, uint64_t max_wait_ms) {
+  if (wake_failed_ && now_ms_ >= wake_retry_ms_) {
+    wake_failed_ = false;
+    wake_retry_ms_ = now_ms_ + opt_.tick_ms;
+    arm_wake();
+  }
   // The iteration's clock, read once after the wait: completions, run and timers all see
   // the time at which the loop woke (input stamped with a pre-wait clock would make idle
   // timeouts fire early by as long as the wait lasted).

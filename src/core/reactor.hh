@@ -244,6 +244,8 @@ class reactor {
   bool own_wake_fd_ = false;
   uint64_t wake_buf_ = 0;
   bool wake_armed_ = false;
+  bool wake_failed_ = false;
+  uint64_t wake_retry_ms_ = 0;
   reactor_counters ctr_;
 };
 

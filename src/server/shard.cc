@@ -18,6 +18,9 @@ namespace {
 using core::owner;
 using core::ud;
 constexpr uint64_t tick_ms = 1000;
+// A privileged session (message_memory) that sends nothing for this long loses the
+// privilege to another waiter.
+constexpr uint64_t privilege_stall_ms = 5000;
 }  // namespace
 
 shard::shard(shard_setup s) : setup_(std::move(s)), cfg_(*setup_.cfg) {
@@ -65,7 +68,9 @@ bool shard::init(std::string& err) {
   ro.required_ops = {{IORING_OP_ACCEPT, "ACCEPT"}, {IORING_OP_RECV, "RECV"},   {IORING_OP_SEND, "SEND"},
                      {IORING_OP_WRITEV, "WRITEV"}, {IORING_OP_FSYNC, "FSYNC"}, {IORING_OP_CLOSE, "CLOSE"},
                      {IORING_OP_OPENAT, "OPENAT"}, {IORING_OP_FALLOCATE, "FALLOCATE"},
-                     {IORING_OP_WRITE, "WRITE"}};
+                     {IORING_OP_WRITE, "WRITE"},
+                     // The spool trims and cuts back segments through the ring (spool/writer.cc).
+                     {55 /* IORING_OP_FTRUNCATE, not in liburing 2.3's headers */, "FTRUNCATE (kernel >= 6.9)"}};
   // The inbox's eventfd is the loop's wake-up: a post (or request_stop) ends the wait.
   inbox_ = std::make_unique<core::inbox<control_msg, 64>>();
   ro.wake_fd = inbox_->fd();
@@ -170,6 +175,9 @@ void shard::flush() {
 
 bool shard::keep_running() {
   if (!stopping_) return true;
+  // The spool's own I/O always finishes first: its SQEs point into session buffers and
+  // close() truncates the segment. The deadline only gives up on sessions.
+  if (writer_.io_pending()) return true;
   if (slots_.free_count() == slots_.capacity() && writer_.idle()) return false;
   return rx_->now_ms() < stop_deadline_ms_;
 }
@@ -412,7 +420,9 @@ void shard::process(conn& c) {
 
 void shard::pump(conn& c) {
   if (c.ph != phase::smtp && c.ph != phase::closing) return;
-  if (c.sess.want_commit()) {
+  // A message is committed only while the connection is live: a closing one (aborted,
+  // client gone) can no longer be told 250, and its slot must not be held by the spool.
+  if (c.ph == phase::smtp && c.sess.want_commit()) {
     auto rec = c.sess.record();
     writer_.append(rec.data(), rec.size(), uint64_t(c.idx) << 32 | c.gen);
     c.in_spool = true;
@@ -483,7 +493,7 @@ void shard::update_pause(conn& c) {
     arm_recv(c);
   }
   if (was && !c.paused() && c.sess.pending_input() > 0) {
-    c.sess.process();  // what waited in the input buffer
+    process(c);  // what waited in the input buffer (only while the session is live)
     if (c.sess.has_output() || c.sess.want_commit()) pump(c);
   }
 }
@@ -507,7 +517,8 @@ void shard::account(conn& c) {
     mem_privileged_ = UINT32_MAX;  // its message is complete (or refused)
     privileged = false;
   }
-  if (!c.paused_memory && c.sess.receiving_message() && msg_mem_ >= cfg_.limits.message_memory && !privileged) {
+  if (c.ph == phase::smtp && !c.paused_memory && c.sess.receiving_message() &&
+      msg_mem_ >= cfg_.limits.message_memory && !privileged) {
     if (mem_privileged_ == UINT32_MAX) {
       mem_privileged_ = c.idx;  // the first to hit the budget finishes its message
       mem_privileged_gen_ = c.gen;
@@ -525,6 +536,7 @@ void shard::resume_memory_paused() {
   resuming_ = true;
   auto wake_up = [this](conn& c) {
     c.paused_memory = false;
+    if (c.ph != phase::smtp) return;  // closing: nothing more is read or processed
     c.last_ms = rx_->now_ms();  // a wait we imposed is not the client's idleness
     update_pause(c);
     process(c);
@@ -537,6 +549,7 @@ void shard::resume_memory_paused() {
     for (size_t i = 0; i < mem_waiters_.size(); ++i) {
       uint32_t idx = mem_waiters_[i];
       if (!slots_.used(idx) || !slots_[idx].paused_memory) continue;
+      if (idx == mem_skip_ && slots_[idx].gen == mem_skip_gen_ && mem_waiters_.size() > 1) continue;  // just revoked
       if (best == SIZE_MAX || slots_[idx].msg_bytes > best_bytes) {
         best = i;
         best_bytes = slots_[idx].msg_bytes;
@@ -674,6 +687,7 @@ void shard::on_timer(core::timer& t) {
 void shard::begin_close(conn& c) {
   if (c.ph == phase::closing || c.ph == phase::free) return;
   c.ph = phase::closing;
+  c.paused_memory = false;  // no longer a waiter for message memory
   if (c.recv_armed && !c.recv_cancel_sent) {
     rx_->cancel(ud::make(owner::inbound, op_recv, c.idx, c.gen));
     c.recv_cancel_sent = true;
@@ -689,6 +703,7 @@ void shard::abort(conn& c, const char* why) {
   log::info("closing connection from {}: {}", c.smtp_started ? c.sess.client_ip() : c.peer.ip(), why);
   c.lost = true;
   if (c.ph != phase::closing) c.ph = phase::closing;
+  c.paused_memory = false;
   if (c.recv_armed || c.send_inflight) {
     rx_->cancel_fd(c.fd);
     c.recv_cancel_sent = true;
@@ -710,8 +725,12 @@ void shard::maybe_finish_close(conn& c) {
 }
 
 void shard::on_close(conn& c) {
+  // maybe_finish_close() closes only after the message left the spool batch.
+  assert(!c.in_spool && "a slot is freed while the spool batch points into it");
   // A connection that never got past its PROXY header has its reject line already.
   if (c.smtp_started) c.sess.log_disconnect(c.lost);
+  // Nothing in flight points into the session any more: a half-received message goes.
+  if (c.smtp_started) c.sess.reset(&policy_, this, smtp::conn_info{});
   c.smtp_started = false;
   c.fd = -1;
   c.ph = phase::free;
@@ -763,6 +782,24 @@ void shard::spool_results() {
 
 void shard::tick() {
   writer_.tick(rx_->ring(), ud::make(owner::spool, 0, 0, 0));
+  // The privileged session must make progress: one that has sent nothing for
+  // privilege_stall_ms (a slow client holding every other DATA session of the shard)
+  // goes back to waiting, and another waiter gets the privilege.
+  if (mem_privileged_ != UINT32_MAX && !mem_waiters_.empty()) {
+    conn* p = slots_.find(mem_privileged_, mem_privileged_gen_);
+    if (!p || p->ph != phase::smtp) {
+      mem_privileged_ = UINT32_MAX;
+    } else if (rx_->now_ms() - p->last_ms >= privilege_stall_ms && p->sess.receiving_message()) {
+      mem_privileged_ = UINT32_MAX;
+      mem_skip_ = p->idx;
+      mem_skip_gen_ = p->gen;
+      p->paused_memory = true;
+      bump(ctr_.memory_paused);
+      mem_waiters_.push_back(p->idx);
+      update_pause(*p);
+    }
+    if (mem_privileged_ == UINT32_MAX && !resuming_) resume_memory_paused();
+  }
   // Accepting paused for lack of file descriptors (EMFILE) with free slots: try again.
   if (accept_paused_ && !stopping_ && slots_.free_count() >= accept_resume_) accept_paused_ = false;
 }

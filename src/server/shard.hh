@@ -190,6 +190,7 @@ class shard final : public smtp::session_host, private core::completion_handler,
   std::vector<uint32_t> mem_waiters_, mem_spare_;
   uint32_t mem_privileged_ = UINT32_MAX;
   uint32_t mem_privileged_gen_ = 0;
+  uint32_t mem_skip_ = UINT32_MAX, mem_skip_gen_ = 0;  // the session whose privilege was revoked
   bool resuming_ = false;
 
   core::timer tick_timer_;
