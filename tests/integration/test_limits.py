@@ -450,7 +450,7 @@ def test_message_memory_budget_holds_under_many_big_concurrent_messages(ternd_fa
     if not SANITIZED:
         # The fixed overhead (docs/architecture.md, "Memory bounds"): per-session input
         # buffers and the allocator's slack for the freed steps of 40 growing buffers
-        # (measured +79 to +120 MiB in all on this burst; 300 MiB of data was offered).
+        # (measured +79 to +120 MiB in all over five runs of this burst; 300 MiB was offered).
         assert peak - base < budget + msize + 96 * MiB, f"RSS grew by {(peak - base) / MiB:.1f} MiB"
     q = t.spool_list()
     assert len(q) == clients
