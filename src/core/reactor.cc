@@ -200,13 +200,6 @@ io_uring_sqe* reactor::get_sqe() {
   return s;
 }
 
-void reactor::reserve(unsigned n) {
-  if (io_uring_sq_space_left(&ring_) < n) {
-    ctr_.sq_full.store(ctr_.sq_full.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    io_uring_submit(&ring_);
-  }
-}
-
 void reactor::cancel(uint64_t user_data) {
   io_uring_sqe* s = get_sqe();
   io_uring_prep_cancel64(s, user_data, 0);
@@ -228,7 +221,6 @@ void reactor::arm_wake() {
   io_uring_sqe* s = get_sqe();
   io_uring_prep_read(s, wake_fd_, &wake_buf_, sizeof wake_buf_, 0);
   io_uring_sqe_set_data64(s, ud::make(owner::reactor, op_wake, 0, 0));
-  wake_armed_ = true;
 }
 
 void reactor::dispatch(const io_uring_cqe& cqe) {
@@ -237,7 +229,6 @@ void reactor::dispatch(const io_uring_cqe& cqe) {
   owner k = ud::kind(d);
   if (k == owner::reactor) {
     if (ud::op(d) == op_wake) {
-      wake_armed_ = false;
       // The inbox is drained at the top of the next iteration. A READ that failed (not
       // expected on an eventfd: io_uring polls it) is re-armed at the next tick instead of
       // at once, so an error cannot make the loop spin.

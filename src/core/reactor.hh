@@ -201,8 +201,6 @@ class reactor {
 
   // An SQE; when the SQ is full, what is queued is submitted first. Never nullptr.
   io_uring_sqe* get_sqe();
-  // Make room for n SQEs that must go out in one submission (a linked chain).
-  void reserve(unsigned n);
 
   void set_handler(owner k, completion_handler* h) noexcept { handlers_[uint8_t(k) & 0xF] = h; }
 
@@ -243,7 +241,6 @@ class reactor {
   int wake_fd_ = -1;
   bool own_wake_fd_ = false;
   uint64_t wake_buf_ = 0;
-  bool wake_armed_ = false;
   bool wake_failed_ = false;
   uint64_t wake_retry_ms_ = 0;
   reactor_counters ctr_;

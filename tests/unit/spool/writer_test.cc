@@ -42,7 +42,8 @@ struct ring_fixture {
   static constexpr uint64_t ud_base = uint64_t(7) << 32 | 0xF0;
 };
 
-std::string make_msg(writer& w) {
+// A message record with a fresh id and the given content.
+std::string msg_with(writer& w, std::string_view content) {
   char id[19];
   w.next_id(id);
   std::string b;
@@ -50,10 +51,14 @@ std::string make_msg(writer& w) {
   envelope_in e;
   e.id = std::string_view(id, 18);
   put_message_head(b, e, 0);
-  b.append("\5\0\0\0hello", 9);
+  uint32_t n = static_cast<uint32_t>(content.size());
+  b.append(reinterpret_cast<const char*>(&n), 4);
+  b.append(content);
   finish_record(b, s);
   return b;
 }
+
+std::string make_msg(writer& w) { return msg_with(w, "hello"); }
 
 // A temp spool with an open writer and a ring.
 struct writer_fixture {
@@ -216,20 +221,7 @@ TEST(Writer, FsyncOffWritesWithoutFdatasync) {
 }
 
 namespace {
-std::string sized_msg(writer& w, size_t content) {
-  char id[19];
-  w.next_id(id);
-  std::string b;
-  size_t s = begin_record(b, record_type::message);
-  envelope_in e;
-  e.id = std::string_view(id, 18);
-  put_message_head(b, e, 0);
-  uint32_t n = static_cast<uint32_t>(content);
-  b.append(reinterpret_cast<const char*>(&n), 4);
-  b.append(content, 'x');
-  finish_record(b, s);
-  return b;
-}
+std::string sized_msg(writer& w, size_t content) { return msg_with(w, std::string(content, 'x')); }
 uint64_t allocated_bytes(const std::string& path) {
   struct stat st;
   EXPECT_EQ(::stat(path.c_str(), &st), 0);
