@@ -44,6 +44,9 @@ int run(const config::config& cfg) {
                  : cfg.log_level == "warning" ? log::level::warning
                  : cfg.log_level == "error" ? log::level::error
                                             : log::level::info);
+  for (const auto& w : cfg.warnings) log::warn("config: {}", w);
+  if (!cfg.smarthosts.empty() || !cfg.routes.empty())
+    log::warn("delivery is not available in this build yet: accepted mail stays in the spool");
   // One fd per session slot plus listeners and spool, per shard.
   unsigned ncpu = std::max(1u, std::thread::hardware_concurrency());
   unsigned nshards = cfg.shards ? cfg.shards : ncpu;
@@ -250,6 +253,7 @@ int main(int argc, char** argv) {
       fprintf(stderr, "%s\n", err.c_str());
       return 1;
     }
+    for (const auto& w : c->warnings) fprintf(stderr, "%s: warning: %s\n", check_path.c_str(), w.c_str());
     printf("%s: configuration OK\n", check_path.c_str());
     return 0;
   }

@@ -47,6 +47,32 @@ bool valid_dns_name(std::string_view d) noexcept {
   return label > 0 && prev != '-';  // no trailing dot, last label does not end in '-'
 }
 
+std::optional<uint64_t> parse_duration_ms(std::string_view t) noexcept {
+  if (t.empty() || t.size() > 24) return std::nullopt;
+  uint64_t n = 0;
+  size_t i = 0;
+  for (; i < t.size() && t[i] >= '0' && t[i] <= '9'; ++i) {
+    n = n * 10 + uint64_t(t[i] - '0');
+    if (n > (uint64_t(1) << 40)) return std::nullopt;
+  }
+  if (i == 0) return std::nullopt;
+  std::string_view unit = t.substr(i);
+  uint64_t mul;
+  if (unit.empty() || unit == "s") mul = 1000;
+  else if (unit == "ms") mul = 1;
+  else if (unit == "m") mul = 60 * 1000;
+  else if (unit == "h") mul = 3600 * 1000;
+  else if (unit == "d") mul = 86400 * 1000;
+  else return std::nullopt;
+  return n * mul;
+}
+
+bool domain_matches(std::string_view d, std::string_view r) noexcept {
+  if (r.empty()) return false;
+  if (r[0] == '.') return d.size() > r.size() && d.substr(d.size() - r.size()) == r;
+  return d == r;
+}
+
 namespace {
 
 struct cfg_error {
@@ -147,11 +173,163 @@ bool overlaps(const net::address& a, const net::address& b) {
   return a.ip() == b.ip() || is_wildcard(a) || is_wildcard(b);
 }
 
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  return s;
+}
+
+// A duration: a string such as "30s", "5m", "1h", "5d" or an integer (seconds). Returns
+// seconds, within [lo, hi].
+uint32_t duration_of(const ctx& c, const toml::node& n, const std::string& full, uint32_t lo, uint32_t hi) {
+  uint64_t ms = 0;
+  if (n.is_integer()) {
+    int64_t v = *n.value<int64_t>();
+    if (v < 0) c.fail(n.source(), full, "must not be negative");
+    ms = uint64_t(v) * 1000;
+  } else if (n.is_string()) {
+    auto d = parse_duration_ms(*n.value<std::string>());
+    if (!d)
+      c.fail(n.source(), full,
+             "\"" + *n.value<std::string>() + "\" is not a duration (e.g. \"30s\", \"5m\", \"1h\", \"5d\")");
+    ms = *d;
+  } else {
+    c.fail(n.source(), full, "expected a duration such as \"30s\", \"5m\", \"1h\" or \"5d\"");
+  }
+  if (ms % 1000) c.fail(n.source(), full, "must be a whole number of seconds");
+  uint64_t s = ms / 1000;
+  if (s < lo || s > hi)
+    c.fail(n.source(), full, "must be between " + std::to_string(lo) + "s and " + std::to_string(hi) + "s");
+  return static_cast<uint32_t>(s);
+}
+
+uint32_t get_duration_s(const ctx& c, const toml::table& t, const char* key, const std::string& full,
+                        uint32_t def, uint32_t lo, uint32_t hi) {
+  auto* n = t.get(key);
+  return n ? duration_of(c, *n, full, lo, hi) : def;
+}
+
+std::vector<std::string> get_domains(const ctx& c, const toml::table& t, const char* key, const std::string& full) {
+  std::vector<std::string> out;
+  auto* dn = t.get(key);
+  if (!dn) return out;
+  auto* da = dn->as_array();
+  if (!da) c.fail(dn->source(), full, "expected an array of domain names");
+  for (auto& e : *da) {
+    auto s = e.value<std::string>();
+    if (!s) c.fail(e.source(), full, "expected a string");
+    std::string d = lower(*s);
+    if (d.empty() || !valid_dns_name(std::string_view(d).substr(d[0] == '.' ? 1 : 0)))
+      c.fail(e.source(), full, "\"" + *s + "\" is not a valid DNS domain name (\".example.org\" for subdomains)");
+    out.push_back(d);
+  }
+  return out;
+}
+
+bool readable(const std::string& f) { return access(f.c_str(), R_OK) == 0; }
+
+// The keys shared by [[smarthost]] and [[route]].
+next_hop parse_hop(const ctx& c, const toml::table& t, const std::string& pfx, bool is_route) {
+  next_hop h;
+  h.line = static_cast<int>(t.source().begin.line);
+  auto* hn = t.get("host");
+  if (!hn) c.fail(t.source(), pfx + "host", "missing (an IP address or a DNS name)");
+  h.host = lower(get_str(c, t, "host", pfx + "host", ""));
+  {
+    std::string as_ip = h.host.find(':') != std::string::npos ? "[" + h.host + "]:1" : h.host + ":1";
+    auto a = net::address::parse(as_ip);
+    if (a) {
+      h.host_is_ip = true;
+    } else if (!valid_dns_name(h.host)) {
+      c.fail(hn->source(), pfx + "host", "\"" + h.host + "\" is neither an IP address nor a valid DNS name");
+    }
+  }
+  h.port = get_int<uint16_t>(c, t, "port", pfx + "port", is_route ? 25 : 25, 1, 65535);
+  h.priority = get_int<uint32_t>(c, t, "priority", pfx + "priority", 0, 0, 65535);
+  h.weight = get_int<uint32_t>(c, t, "weight", pfx + "weight", 1, 1, 1000000);
+  std::string tls = get_str(c, t, "tls", pfx + "tls", "verify");
+  if (tls == "none") h.tls = tls_policy::none;
+  else if (tls == "may") h.tls = tls_policy::may;
+  else if (tls == "encrypt") h.tls = tls_policy::encrypt;
+  else if (tls == "verify") h.tls = tls_policy::verify;
+  else c.fail(t.get("tls")->source(), pfx + "tls", "expected \"none\", \"may\", \"encrypt\" or \"verify\"");
+  std::string mv = get_str(c, t, "tls_min_version", pfx + "tls_min_version", "1.3");
+  if (mv != "1.2" && mv != "1.3")
+    c.fail(t.get("tls_min_version")->source(), pfx + "tls_min_version", "expected \"1.2\" or \"1.3\"");
+  h.tls_min_13 = mv == "1.3";
+  h.ca_file = get_str(c, t, "ca_file", pfx + "ca_file", "");
+  if (!h.ca_file.empty() && !readable(h.ca_file))
+    c.fail(t.get("ca_file")->source(), pfx + "ca_file", "cannot read \"" + h.ca_file + "\"");
+  h.verify_name = lower(get_str(c, t, "verify_name", pfx + "verify_name", ""));
+  if (!h.verify_name.empty() && !valid_dns_name(h.verify_name))
+    c.fail(t.get("verify_name")->source(), pfx + "verify_name", "\"" + h.verify_name + "\" is not a valid DNS name");
+  if (h.tls != tls_policy::verify && t.get("verify_name"))
+    c.fail(t.get("verify_name")->source(), pfx + "verify_name", "only meaningful with tls = \"verify\"");
+  if (h.tls == tls_policy::verify && h.host_is_ip && h.verify_name.empty())
+    c.fail(hn->source(), pfx + "verify_name",
+           "tls = \"verify\" to an IP address needs verify_name (the name the certificate must carry)");
+  h.auth_user = get_str(c, t, "auth_user", pfx + "auth_user", "");
+  h.auth_password_file = get_str(c, t, "auth_password_file", pfx + "auth_password_file", "");
+  if (!h.auth_user.empty() && h.auth_password_file.empty())
+    c.fail(t.get("auth_user")->source(), pfx + "auth_password_file", "auth_user needs auth_password_file");
+  if (h.auth_user.empty() && !h.auth_password_file.empty())
+    c.fail(t.get("auth_password_file")->source(), pfx + "auth_user", "auth_password_file needs auth_user");
+  if (!h.auth_password_file.empty() && !readable(h.auth_password_file))
+    c.fail(t.get("auth_password_file")->source(), pfx + "auth_password_file",
+           "cannot read \"" + h.auth_password_file + "\"");
+  if (!h.auth_user.empty() && (h.tls == tls_policy::none || h.tls == tls_policy::may))
+    c.fail(t.get("auth_user")->source(), pfx + "auth_user",
+           "AUTH is only sent inside TLS: needs tls = \"encrypt\" or \"verify\"");
+  h.mx = get_bool(c, t, "mx", pfx + "mx", false);
+  if (h.mx && h.host_is_ip) c.fail(t.get("mx")->source(), pfx + "mx", "mx = true needs a domain name as host");
+  h.source_address = get_str(c, t, "source_address", pfx + "source_address", "");
+  if (!h.source_address.empty()) {
+    std::string sa = h.source_address.find(':') != std::string::npos ? "[" + h.source_address + "]:0"
+                                                                     : h.source_address + ":0";
+    if (!net::address::parse(sa))
+      c.fail(t.get("source_address")->source(), pfx + "source_address",
+             "\"" + h.source_address + "\" is not an IP address");
+  }
+  h.helo_name = lower(get_str(c, t, "helo_name", pfx + "helo_name", ""));
+  if (!h.helo_name.empty() && !valid_dns_name(h.helo_name))
+    c.fail(t.get("helo_name")->source(), pfx + "helo_name", "\"" + h.helo_name + "\" is not a valid DNS name");
+  std::string proto = get_str(c, t, "protocol", pfx + "protocol", "smtp");
+  if (proto == "lmtp") {
+    if (!is_route) c.fail(t.get("protocol")->source(), pfx + "protocol", "LMTP is for [[route]] next hops only");
+    h.protocol = next_hop_protocol::lmtp;
+  } else if (proto != "smtp") {
+    c.fail(t.get("protocol")->source(), pfx + "protocol", "expected \"smtp\" or \"lmtp\"");
+  }
+  return h;
+}
+
+const char* const hop_keys[] = {"host", "port", "priority", "weight", "tls", "tls_min_version", "ca_file",
+                                 "verify_name", "auth_user", "auth_password_file", "mx", "source_address",
+                                 "helo_name", "protocol"};
+
+void check_hop_keys(const ctx& c, const toml::table& t, const std::string& prefix, bool is_route) {
+  for (auto& [k, v] : t) {
+    std::string key(k.str());
+    bool ok = is_route && key == "domains";
+    for (const char* h : hop_keys) ok = ok || key == h;
+    if (!ok) c.fail(k.source(), prefix + key, "unknown key");
+  }
+}
+
+const toml::array* get_table_array(const ctx& c, const toml::table& root, const char* key) {
+  auto* n = root.get(key);
+  if (!n) return nullptr;
+  auto* a = n->as_array();
+  if (!a || !a->is_array_of_tables())
+    c.fail(n->source(), key, std::string("expected [[") + key + "]] tables");
+  return a;
+}
+
 config parse(const ctx& c, const toml::table& root) {
   config cfg;
   cfg.source = c.src();
   check_keys(c, root, "",
-             {"hostname", "shards", "spool", "listen", "relay", "limits", "tls", "tuning", "log_level"});
+             {"hostname", "shards", "spool", "listen", "relay", "limits", "tls", "tuning", "log_level", "smarthost",
+              "route", "queue", "dns"});
   char hn[256] = "localhost";
   gethostname(hn, sizeof hn - 1);
   cfg.hostname = get_str(c, root, "hostname", "hostname", hn);
@@ -356,6 +534,94 @@ config parse(const ctx& c, const toml::table& root) {
   if (cfg.tuning.accept_resume > cfg.limits.connections)
     c.fail(root.get("tuning")->as_table()->get("accept_resume")->source(), "tuning.accept_resume",
            "must not exceed limits.connections (" + std::to_string(cfg.limits.connections) + ")");
+  // --- delivery: [[smarthost]], [[route]], [queue], [dns] ---------------------------------
+  if (auto* a = get_table_array(c, root, "smarthost")) {
+    for (auto& e : *a) {
+      auto& t = *e.as_table();
+      check_hop_keys(c, t, "smarthost.", false);
+      cfg.smarthosts.push_back(parse_hop(c, t, "smarthost.", false));
+    }
+  }
+  if (auto* a = get_table_array(c, root, "route")) {
+    for (auto& e : *a) {
+      auto& t = *e.as_table();
+      check_hop_keys(c, t, "route.", true);
+      route r;
+      r.domains = get_domains(c, t, "domains", "route.domains");
+      if (r.domains.empty())
+        c.fail(t.get("domains") ? t.get("domains")->source() : t.source(), "route.domains",
+               "a route needs at least one domain");
+      r.hop = parse_hop(c, t, "route.", true);
+      cfg.routes.push_back(std::move(r));
+    }
+  }
+  if (auto* q = get_table(c, root, "queue")) {
+    check_keys(c, *q, "queue.",
+               {"retry", "max_lifetime", "delay_warning", "concurrency", "messages_per_connection",
+                "connection_idle", "jitter", "connect_timeout", "greeting_timeout", "helo_timeout",
+                "starttls_timeout", "mail_timeout", "rcpt_timeout", "data_init_timeout", "data_xfer_timeout",
+                "data_done_timeout", "quit_timeout"});
+    auto& Q = cfg.queue;
+    if (auto* rn = q->get("retry")) {
+      auto* ra = rn->as_array();
+      if (!ra || ra->empty()) c.fail(rn->source(), "queue.retry", "expected a list of durations such as [\"1m\", \"5m\", \"1h\"]");
+      Q.retry_s.clear();
+      for (auto& e : *ra) Q.retry_s.push_back(duration_of(c, e, "queue.retry", 1, 7 * 86400));
+    }
+    Q.max_lifetime_s = get_duration_s(c, *q, "max_lifetime", "queue.max_lifetime", Q.max_lifetime_s, 60, 365 * 86400);
+    Q.delay_warning_s = get_duration_s(c, *q, "delay_warning", "queue.delay_warning", 0, 0, 365 * 86400);
+    if (Q.delay_warning_s && Q.delay_warning_s >= Q.max_lifetime_s)
+      c.fail(q->get("delay_warning")->source(), "queue.delay_warning",
+             "must be shorter than queue.max_lifetime (" + std::to_string(Q.max_lifetime_s) + "s)");
+    Q.concurrency = get_int<uint32_t>(c, *q, "concurrency", "queue.concurrency", Q.concurrency, 1, 10000);
+    Q.messages_per_connection = get_int<uint32_t>(c, *q, "messages_per_connection", "queue.messages_per_connection",
+                                                  Q.messages_per_connection, 1, 1000000);
+    Q.connection_idle_s = get_duration_s(c, *q, "connection_idle", "queue.connection_idle", Q.connection_idle_s, 0, 3600);
+    Q.jitter_percent = get_int<uint32_t>(c, *q, "jitter", "queue.jitter", Q.jitter_percent, 0, 50);
+    struct tk { const char* key; uint32_t* v; };
+    for (auto [key, v] : {tk{"connect_timeout", &Q.connect_timeout_s}, tk{"greeting_timeout", &Q.greeting_timeout_s},
+                          tk{"helo_timeout", &Q.helo_timeout_s}, tk{"starttls_timeout", &Q.starttls_timeout_s},
+                          tk{"mail_timeout", &Q.mail_timeout_s}, tk{"rcpt_timeout", &Q.rcpt_timeout_s},
+                          tk{"data_init_timeout", &Q.data_init_timeout_s}, tk{"data_xfer_timeout", &Q.data_xfer_timeout_s},
+                          tk{"data_done_timeout", &Q.data_done_timeout_s}, tk{"quit_timeout", &Q.quit_timeout_s}})
+      *v = get_duration_s(c, *q, key, std::string("queue.") + key, *v, 1, 3600);
+  }
+  if (auto* d = get_table(c, root, "dns")) {
+    check_keys(c, *d, "dns.", {"servers", "use_hosts", "timeout", "tries"});
+    if (auto* sn = d->get("servers")) {
+      auto* sa = sn->as_array();
+      if (!sa) c.fail(sn->source(), "dns.servers", "expected an array such as [\"192.0.2.53\", \"127.0.0.1:5353\"]");
+      for (auto& e : *sa) {
+        auto s = e.value<std::string>();
+        if (!s) c.fail(e.source(), "dns.servers", "expected a string");
+        bool ok = net::address::parse(*s).has_value() || net::address::parse(*s + ":53").has_value() ||
+                  net::address::parse("[" + *s + "]:53").has_value();
+        if (!ok) c.fail(e.source(), "dns.servers", "\"" + *s + "\" is not IP, IP:PORT or [IPv6]:PORT");
+        cfg.dns.servers.push_back(*s);
+      }
+    }
+    cfg.dns.use_hosts = get_bool(c, *d, "use_hosts", "dns.use_hosts", true);
+    auto* tn = d->get("timeout");
+    if (tn) {
+      std::optional<uint64_t> ms;
+      if (tn->is_string()) ms = parse_duration_ms(*tn->value<std::string>());
+      else if (tn->is_integer() && *tn->value<int64_t>() > 0) ms = uint64_t(*tn->value<int64_t>()) * 1000;
+      if (!ms || *ms < 10 || *ms > 60000) c.fail(tn->source(), "dns.timeout", "expected a duration from \"10ms\" to \"60s\"");
+      cfg.dns.timeout_ms = static_cast<uint32_t>(*ms);
+    }
+    cfg.dns.tries = get_int<uint32_t>(c, *d, "tries", "dns.tries", cfg.dns.tries, 1, 10);
+  }
+  if (cfg.smarthosts.empty()) {
+    cfg.warnings.push_back(
+        cfg.routes.empty()
+            ? "no [[smarthost]] and no [[route]]: accepted mail stays queued (deferred: no route to its destination)"
+            : "no [[smarthost]]: mail for domains outside the [[route]] tables stays queued (deferred: no route)");
+  }
+  for (const auto& h : cfg.smarthosts)
+    if (h.tls == tls_policy::none || h.tls == tls_policy::may)
+      cfg.warnings.push_back(cfg.source + ":" + std::to_string(h.line) + ": smarthost.tls: \"" + h.host +
+                             "\" may receive mail in clear (tls = \"" +
+                             (h.tls == tls_policy::none ? "none" : "may") + "\")");
   return cfg;
 }
 

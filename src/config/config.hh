@@ -48,6 +48,65 @@ struct limits {
   uint32_t shutdown_timeout = 5;             // seconds to finish sessions at stop
 };
 
+// Delivery (docs/configuration.md, "[[smarthost]]", "[[route]]", "[queue]", "[dns]").
+enum class tls_policy : uint8_t { none, may, encrypt, verify };
+enum class next_hop_protocol : uint8_t { smtp, lmtp };
+
+// One next hop: a smarthost, or the host of a route.
+struct next_hop {
+  std::string host;          // an IP literal or a DNS name (as written, lower case)
+  bool host_is_ip = false;
+  uint16_t port = 25;
+  uint32_t priority = 0;     // lower is tried first
+  uint32_t weight = 1;       // among hosts of equal priority
+  tls_policy tls = tls_policy::verify;
+  bool tls_min_13 = true;    // tls_min_version "1.3" (default) or "1.2"
+  std::string ca_file;       // empty: the system bundle
+  std::string verify_name;   // empty: host (for MX: the MX host name)
+  std::string auth_user;
+  std::string auth_password_file;
+  bool mx = false;           // use the MX records of host (a name), like postfix's relayhost without []
+  std::string source_address;  // bind outbound connections to this IP (empty: the kernel's choice)
+  std::string helo_name;       // EHLO name (empty: hostname)
+  next_hop_protocol protocol = next_hop_protocol::smtp;
+  int line = 0;
+};
+
+// Mail for `domains` goes to the route's hosts; routes with the same domain list form one
+// destination whose hosts are tried by priority and weight, like the smarthosts.
+struct route {
+  std::vector<std::string> domains;  // lower case; ".example.com" also matches subdomains
+  next_hop hop;
+};
+
+struct queue_settings {
+  std::vector<uint32_t> retry_s{60, 300, 900, 3600};  // the last one repeats
+  uint32_t max_lifetime_s = 5 * 86400;   // then bounce
+  uint32_t delay_warning_s = 0;          // 0: off
+  uint32_t concurrency = 20;             // connections per destination per shard
+  uint32_t messages_per_connection = 100;
+  uint32_t connection_idle_s = 5;        // an idle outbound connection is closed after this
+  uint32_t jitter_percent = 10;          // retry times are spread by up to this share
+  // Client timeouts (seconds), postfix's smtp_*_timeout defaults.
+  uint32_t connect_timeout_s = 30;
+  uint32_t greeting_timeout_s = 300;
+  uint32_t helo_timeout_s = 300;
+  uint32_t starttls_timeout_s = 300;
+  uint32_t mail_timeout_s = 300;
+  uint32_t rcpt_timeout_s = 300;
+  uint32_t data_init_timeout_s = 120;
+  uint32_t data_xfer_timeout_s = 180;
+  uint32_t data_done_timeout_s = 600;
+  uint32_t quit_timeout_s = 300;
+};
+
+struct dns_settings {
+  std::vector<std::string> servers;  // "IP" or "IP:PORT"; empty: /etc/resolv.conf
+  bool use_hosts = true;             // consult /etc/hosts first
+  uint32_t timeout_ms = 5000;        // per query try
+  uint32_t tries = 2;
+};
+
 struct config {
   std::string source = "(embedded default)";
   std::string hostname;
@@ -82,7 +141,20 @@ struct config {
     uint32_t buffer_keep = 64 * 1024;  // bytes a session slot's buffers keep between uses
   } tuning;
   std::string log_level = "info";
+  std::vector<next_hop> smarthosts;
+  std::vector<route> routes;
+  queue_settings queue;
+  dns_settings dns;
+  // Not errors, but what the operator should know (--check-config prints them).
+  std::vector<std::string> warnings;
 };
+
+// "30s", "5m", "2h", "5d", "250ms", or an integer (seconds). Returns milliseconds, or
+// nullopt when the text is not a duration.
+std::optional<uint64_t> parse_duration_ms(std::string_view text) noexcept;
+// Whether `domain` (lower case) matches an entry of relay.domains / route.domains:
+// "example.com" matches itself; ".example.com" matches its subdomains.
+bool domain_matches(std::string_view domain, std::string_view pattern) noexcept;
 
 // A DNS host name as RFC 1035 2.3.1 / RFC 1123 2.1 allow it: dot-separated labels of
 // letters, digits and hyphens, 1 to 63 bytes each, not starting or ending with a hyphen,

@@ -223,3 +223,153 @@ TEST(Config, ValidDnsName) {
   EXPECT_FALSE(valid_dns_name("1.2.3.4]"));
   EXPECT_FALSE(valid_dns_name("caf\xc3\xa9.example"));  // U-labels: write the A-label
 }
+
+// --- delivery: [[smarthost]], [[route]], [queue], [dns] -------------------------------------
+
+namespace {
+const char* base_cfg = "[[listen]]\naddress = \"127.0.0.1:0\"\n";
+std::optional<tern::config::config> load_ok(const std::string& extra) {
+  std::string err;
+  auto c = load_string(std::string(base_cfg) + extra, "t.toml", err);
+  EXPECT_TRUE(c) << err;
+  return c;
+}
+std::string delivery_error(const std::string& extra) { return error_of(std::string(base_cfg) + extra); }
+}  // namespace
+
+TEST(ConfigDelivery, Durations) {
+  EXPECT_EQ(parse_duration_ms("30s"), 30000u);
+  EXPECT_EQ(parse_duration_ms("5m"), 300000u);
+  EXPECT_EQ(parse_duration_ms("2h"), 7200000u);
+  EXPECT_EQ(parse_duration_ms("5d"), 432000000u);
+  EXPECT_EQ(parse_duration_ms("250ms"), 250u);
+  EXPECT_EQ(parse_duration_ms("42"), 42000u);
+  EXPECT_FALSE(parse_duration_ms(""));
+  EXPECT_FALSE(parse_duration_ms("m"));
+  EXPECT_FALSE(parse_duration_ms("5w"));
+  EXPECT_FALSE(parse_duration_ms("-5s"));
+  EXPECT_FALSE(parse_duration_ms("99999999999999999999s"));
+}
+
+TEST(ConfigDelivery, DomainMatches) {
+  EXPECT_TRUE(domain_matches("example.com", "example.com"));
+  EXPECT_FALSE(domain_matches("sub.example.com", "example.com"));
+  EXPECT_TRUE(domain_matches("sub.example.com", ".example.com"));
+  EXPECT_FALSE(domain_matches("example.com", ".example.com"));
+  EXPECT_FALSE(domain_matches("badexample.com", ".example.com"));
+}
+
+TEST(ConfigDelivery, DefaultsAndWarnings) {
+  auto c = load_ok("");
+  ASSERT_TRUE(c);
+  EXPECT_TRUE(c->smarthosts.empty());
+  EXPECT_EQ(c->queue.retry_s, (std::vector<uint32_t>{60, 300, 900, 3600}));
+  EXPECT_EQ(c->queue.max_lifetime_s, 5u * 86400);
+  EXPECT_EQ(c->queue.delay_warning_s, 0u);
+  ASSERT_EQ(c->warnings.size(), 1u);
+  EXPECT_NE(c->warnings[0].find("stays queued"), std::string::npos);
+}
+
+TEST(ConfigDelivery, SmarthostsRoutesQueue) {
+  auto c = load_ok(R"(
+[[smarthost]]
+host = "EU-SMTP-O.mimecast.com"
+priority = 10
+[[smarthost]]
+host = "192.0.2.25"
+port = 587
+tls = "verify"
+verify_name = "relay.example.net"
+weight = 3
+source_address = "198.18.0.5"
+[[route]]
+domains = ["internal.example", ".corp.example"]
+host = "10.1.2.3"
+port = 1025
+tls = "none"
+[[route]]
+domains = ["mbox.example"]
+host = "lmtp.example"
+port = 24
+protocol = "lmtp"
+tls = "may"
+[queue]
+retry = ["30s", "2m", 600]
+max_lifetime = "2d"
+delay_warning = "4h"
+concurrency = 5
+messages_per_connection = 50
+connect_timeout = "10s"
+[dns]
+servers = ["127.0.0.1:5353", "::1"]
+use_hosts = false
+timeout = "500ms"
+)");
+  ASSERT_TRUE(c);
+  ASSERT_EQ(c->smarthosts.size(), 2u);
+  EXPECT_EQ(c->smarthosts[0].host, "eu-smtp-o.mimecast.com");
+  EXPECT_FALSE(c->smarthosts[0].host_is_ip);
+  EXPECT_EQ(c->smarthosts[0].port, 25);
+  EXPECT_EQ(c->smarthosts[0].tls, tls_policy::verify);
+  EXPECT_TRUE(c->smarthosts[0].tls_min_13);
+  EXPECT_TRUE(c->smarthosts[1].host_is_ip);
+  EXPECT_EQ(c->smarthosts[1].weight, 3u);
+  ASSERT_EQ(c->routes.size(), 2u);
+  EXPECT_EQ(c->routes[0].domains[1], ".corp.example");
+  EXPECT_EQ(c->routes[0].hop.tls, tls_policy::none);
+  EXPECT_EQ(c->routes[1].hop.protocol, next_hop_protocol::lmtp);
+  EXPECT_EQ(c->queue.retry_s, (std::vector<uint32_t>{30, 120, 600}));
+  EXPECT_EQ(c->queue.max_lifetime_s, 2u * 86400);
+  EXPECT_EQ(c->queue.delay_warning_s, 4u * 3600);
+  EXPECT_EQ(c->queue.connect_timeout_s, 10u);
+  EXPECT_EQ(c->dns.servers.size(), 2u);
+  EXPECT_FALSE(c->dns.use_hosts);
+  EXPECT_EQ(c->dns.timeout_ms, 500u);
+  EXPECT_TRUE(c->warnings.empty()) << c->warnings[0];
+}
+
+TEST(ConfigDelivery, Refusals) {
+  // Every refusal names the file, the line and the key.
+  EXPECT_EQ(delivery_error("[[smarthost]]\nport = 25\n").rfind("t.toml:3: smarthost.host: missing", 0), 0u);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"bad_name!\"\n").find("t.toml:4: smarthost.host:"), std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\ntls = \"maybe\"\n").find("smarthost.tls: expected"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\ntls_min_version = \"1.1\"\n")
+                .find("smarthost.tls_min_version"), std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\nport = 0\n").find("smarthost.port: must be between 1"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\ncolour = 1\n").find("smarthost.colour: unknown key"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"192.0.2.1\"\n").find("smarthost.verify_name"), std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"192.0.2.1\"\nmx = true\ntls = \"encrypt\"\n").find("smarthost.mx"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\nauth_user = \"u\"\n").find("auth_password_file"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\nauth_user = \"u\"\nauth_password_file = \"/etc/hostname\"\n"
+                           "tls = \"may\"\n").find("only sent inside TLS"), std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\nca_file = \"/nonexistent/ca.pem\"\n")
+                .find("smarthost.ca_file: cannot read"), std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\nprotocol = \"lmtp\"\n").find("[[route]]"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[[smarthost]]\nhost = \"a.example\"\nsource_address = \"nope\"\n")
+                .find("smarthost.source_address"), std::string::npos);
+  EXPECT_NE(delivery_error("[[route]]\nhost = \"a.example\"\n").find("route.domains: a route needs"), std::string::npos);
+  EXPECT_NE(delivery_error("[[route]]\ndomains = [\"-x.example\"]\nhost = \"a.example\"\n").find("route.domains"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[queue]\nretry = []\n").find("queue.retry"), std::string::npos);
+  EXPECT_NE(delivery_error("[queue]\nretry = [\"1m\", \"soon\"]\n").find("t.toml:4: queue.retry: \"soon\" is not a duration"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[queue]\nretry = [\"0s\"]\n").find("queue.retry: must be between 1s"), std::string::npos);
+  EXPECT_NE(delivery_error("[queue]\nmax_lifetime = \"1h\"\ndelay_warning = \"2h\"\n").find("queue.delay_warning"),
+            std::string::npos);
+  EXPECT_NE(delivery_error("[queue]\nconnect_timeout = \"1500ms\"\n").find("whole number of seconds"), std::string::npos);
+  EXPECT_NE(delivery_error("[dns]\nservers = [\"dns.example\"]\n").find("dns.servers"), std::string::npos);
+  EXPECT_NE(error_of(std::string("smarthost = 1\n") + base_cfg).find("smarthost: expected [[smarthost]]"), std::string::npos);
+}
+
+TEST(ConfigDelivery, ClearTextSmarthostWarns) {
+  auto c = load_ok("[[smarthost]]\nhost = \"a.example\"\ntls = \"may\"\n");
+  ASSERT_TRUE(c);
+  ASSERT_EQ(c->warnings.size(), 1u);
+  EXPECT_NE(c->warnings[0].find("t.toml:3: smarthost.tls"), std::string::npos);
+}
