@@ -133,7 +133,7 @@ read_status check_record(std::span<const unsigned char> data, size_t off, const 
   if (len > max_record_len) return bad(record_fault::bad_length);
   if (rem - record_header_size < len) return bad(record_fault::past_eof);
   uint8_t type = p[8], ver = p[9];
-  if (type < 1 || type > 4 || ver != record_version || p[10] != 0 || p[11] != 0)
+  if (type < 1 || type > max_record_type || ver != record_version || p[10] != 0 || p[11] != 0)
     return bad(record_fault::bad_type);
   if (crc_bytes) *crc_bytes += 8 + len;
   if (record_crc(p, len) != crc) return bad(record_fault::bad_crc);
@@ -206,6 +206,49 @@ bool decode_done(std::string_view payload, std::string_view& id) noexcept {
   byte_reader r(reinterpret_cast<const unsigned char*>(payload.data()), payload.size());
   id = r.str16();
   return r.ok() && r.remaining() == 0 && !id.empty();
+}
+
+const char* rcpt_state_text(rcpt_state s) noexcept {
+  switch (s) {
+    case rcpt_state::pending: return "pending";
+    case rcpt_state::deferred: return "deferred";
+    case rcpt_state::delivered: return "delivered";
+    case rcpt_state::failed: return "failed";
+  }
+  return "?";
+}
+
+void encode_status(std::string& buf, std::string_view id, uint32_t attempts, uint64_t next_attempt_us,
+                   uint8_t flags, std::span<const rcpt_status> changed, uint64_t nonce) {
+  size_t s = begin_record(buf, record_type::status);
+  put_str16(buf, id);
+  put_u32(buf, attempts);
+  put_u64(buf, next_attempt_us);
+  buf.push_back(static_cast<char>(flags));
+  put_u32(buf, static_cast<uint32_t>(changed.size()));
+  for (const auto& e : changed) {
+    put_u32(buf, e.index);
+    buf.push_back(static_cast<char>(e.state));
+    put_str16(buf, e.dsn.substr(0, 16));
+    put_str16(buf, e.text.substr(0, max_status_text));
+  }
+  finish_record(buf, s);
+  set_record_nonce(buf.data() + s, nonce);
+}
+
+bool decode_status(std::string_view payload, status_view& out) noexcept {
+  byte_reader r(reinterpret_cast<const unsigned char*>(payload.data()), payload.size());
+  out.id = r.str16();
+  out.attempts = r.u32();
+  out.next_attempt_us = r.u64();
+  out.flags = r.u8();
+  out.count = r.u32();
+  if (!r.ok() || out.id.empty()) return false;
+  size_t at = payload.size() - r.remaining();
+  out.entries = payload.substr(at);
+  // Validate the entries now so that for_each_status cannot see a truncated block.
+  uint32_t n = 0;
+  return for_each_status(out, [&](const rcpt_status&) { ++n; }) && n == out.count;
 }
 
 void format_queue_id_to(char* out, uint64_t epoch_ms, uint32_t shard, uint32_t seq) noexcept {

@@ -22,6 +22,10 @@
 //            parameters (RFC 3461), content (with our Received: header)
 //   done     a message left the queue (delivered, bounced or deleted): queue id
 //   pad      filler, ignored (health probes)
+//   status   delivery progress of one message: attempts, next attempt, and the recipients
+//            whose state changed (deferred / delivered / failed, with the DSN status and
+//            the diagnostic). Folded in file order by recovery; a message copied forward
+//            into a newer segment is followed by a status record that repeats its state.
 // Version 1 segments (12-byte header, no nonce, magic TERNSEG1) are refused with a clear
 // error: none were ever deployed.
 #include <cstddef>
@@ -32,7 +36,8 @@
 
 namespace tern::spool {
 
-enum class record_type : uint8_t { segment = 1, message = 2, done = 3, pad = 4 };
+enum class record_type : uint8_t { segment = 1, message = 2, done = 3, pad = 4, status = 5 };
+inline constexpr uint8_t max_record_type = 5;
 
 inline constexpr size_t record_header_size = 20;
 inline constexpr size_t record_nonce_offset = 12;
@@ -185,6 +190,39 @@ struct segment_view {
 };
 bool decode_segment_header(std::string_view payload, segment_view& out) noexcept;
 bool decode_done(std::string_view payload, std::string_view& id) noexcept;
+
+// --- delivery status ----------------------------------------------------------------------
+
+enum class rcpt_state : uint8_t { pending = 0, deferred = 1, delivered = 2, failed = 3 };
+const char* rcpt_state_text(rcpt_state s) noexcept;
+inline bool rcpt_final(rcpt_state s) noexcept { return s == rcpt_state::delivered || s == rcpt_state::failed; }
+// status flags
+enum status_flags : uint8_t { status_delay_warned = 1 };
+// A diagnostic longer than this is cut (it is the remote server's text; the log keeps it).
+inline constexpr size_t max_status_text = 1000;
+
+struct rcpt_status {
+  uint32_t index = 0;   // the recipient's position in the message record
+  rcpt_state state = rcpt_state::pending;
+  std::string_view dsn;   // "2.0.0", "4.4.1", "5.1.1"
+  std::string_view text;  // "host a.example[192.0.2.1] said: 550 5.1.1 ... (in reply to RCPT TO)"
+};
+
+struct status_view {
+  std::string_view id;
+  uint32_t attempts = 0;
+  uint64_t next_attempt_us = 0;  // wall clock; 0: as soon as possible
+  uint8_t flags = 0;
+  uint32_t count = 0;
+  std::string_view entries;  // count x (u32 index, u8 state, str16 dsn, str16 text)
+};
+
+void encode_status(std::string& buf, std::string_view id, uint32_t attempts, uint64_t next_attempt_us,
+                   uint8_t flags, std::span<const rcpt_status> changed, uint64_t nonce = 0);
+bool decode_status(std::string_view payload, status_view& out) noexcept;
+// Iterate the entries; false if the block is malformed.
+template <typename F>
+bool for_each_status(const status_view& s, F&& f);
 
 // Queue ids: 18 upper-case hex digits: epoch (ms, 11), shard (2), sequence (5).
 std::string format_queue_id(uint64_t epoch_ms, uint32_t shard, uint32_t seq);

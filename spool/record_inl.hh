@@ -17,4 +17,20 @@ bool for_each_rcpt(const message_view& m, F&& f) {
   return r.remaining() == 0;
 }
 
+template <typename F>
+bool for_each_status(const status_view& s, F&& f) {
+  byte_reader r(reinterpret_cast<const unsigned char*>(s.entries.data()), s.entries.size());
+  for (uint32_t i = 0; i < s.count; ++i) {
+    rcpt_status e;
+    e.index = r.u32();
+    uint8_t st = r.u8();
+    e.dsn = r.str16();
+    e.text = r.str16();
+    if (!r.ok() || st > 3) return false;
+    e.state = static_cast<rcpt_state>(st);
+    f(e);
+  }
+  return r.remaining() == 0;
+}
+
 }  // namespace tern::spool

@@ -73,14 +73,24 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
                    recovery_report& rep, std::string& err) {
   rep = recovery_report{};
   std::unordered_map<std::string, queued_message> live;
+  std::unordered_map<std::string, std::vector<uint32_t>> copies_of;  // id -> segments with a message record
+  std::unordered_map<std::string, bool> done_ids;
   std::vector<std::string> order;  // arrival order of ids, for a stable queue
+  struct seg_info {
+    std::string path;
+    bool removable_scan = false;  // clean, and a header (or nothing but zeros)
+    std::vector<std::string> messages, dones, statuses;
+  };
+  std::vector<seg_info> segs;
   quarantine_ledger ledger;
   if (!ledger.load(dir, err)) return false;
   bool qdir_dirty = false;
   for (const auto& path : list_segments(dir)) {
     ++rep.segments;
+    uint32_t seg_index = static_cast<uint32_t>(segs.size());
+    segs.push_back(seg_info{path, false, {}, {}, {}});
+    seg_info& si = segs.back();
     segment_scan sc;
-    uint64_t msgs_here = 0, done_here = 0;
     std::string name = base(path);
     bool ok = scan_segment(path, sc, [&](const record_view& rv, uint64_t off) {
       if (rv.type == record_type::message) {
@@ -88,23 +98,69 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
         if (!decode_message(rv.payload, m)) {
           rep.notes.push_back(fmt::format("{}: message record at {} does not decode; skipped", name, off));
           ++rep.new_damage;
+          si.messages.push_back("");  // keeps the segment: something is there we cannot read
           return;
         }
         ++rep.messages;
-        ++msgs_here;
         uint64_t ep;
         uint32_t sh, sq;
         if (parse_queue_id(m.id, ep, sh, sq) && ep > rep.max_epoch_ms) rep.max_epoch_ms = ep;
         std::string id(m.id);
-        if (!live.count(id)) order.push_back(id);
-        live[id] = queued_message{id, path, off, m.content.size(), m.arrival_us, m.nrcpt};
+        si.messages.push_back(id);
+        copies_of[id].push_back(seg_index);
+        if (done_ids.count(id)) return;  // ids are never reused: done is final
+        auto it = live.find(id);
+        if (it == live.end()) {
+          order.push_back(id);
+          queued_message q;
+          q.id = id;
+          q.segment = path;
+          q.offset = off;
+          q.size = m.content.size();
+          q.arrival_us = m.arrival_us;
+          q.nrcpt = m.nrcpt;
+          live.emplace(id, std::move(q));
+        } else {
+          // A copy moved forward: the newest copy is the one to read; the state so far stays
+          // (the status record after the copy repeats it anyway).
+          it->second.segment = path;
+          it->second.offset = off;
+          ++it->second.copies;
+        }
       } else if (rv.type == record_type::done) {
         std::string_view id;
         if (decode_done(rv.payload, id)) {
           ++rep.done;
-          ++done_here;
-          live.erase(std::string(id));
+          std::string sid(id);
+          si.dones.push_back(sid);
+          done_ids[sid] = true;
+          live.erase(sid);
         }
+      } else if (rv.type == record_type::status) {
+        status_view st;
+        if (!decode_status(rv.payload, st)) {
+          rep.notes.push_back(fmt::format("{}: status record at {} does not decode; skipped", name, off));
+          ++rep.new_damage;
+          si.statuses.push_back("");
+          return;
+        }
+        ++rep.status;
+        std::string sid(st.id);
+        si.statuses.push_back(sid);
+        auto it = live.find(sid);
+        if (it == live.end()) return;  // done already, or its message is gone (reclaimed)
+        auto& q = it->second;
+        q.attempts = st.attempts;
+        q.next_attempt_us = st.next_attempt_us;
+        q.flags = st.flags;
+        for_each_status(st, [&](const rcpt_status& e) {
+          if (e.index >= q.nrcpt) return;  // not ours to invent
+          if (q.rcpts.empty()) q.rcpts.resize(q.nrcpt);
+          auto& r = q.rcpts[e.index];
+          r.state = e.state;
+          r.dsn = std::string(e.dsn);
+          r.text = std::string(e.text);
+        });
       }
     });
     if (!ok) {
@@ -171,15 +227,43 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
     }
     if (!sc.header_ok && sc.file_size > sc.unused_bytes)
       rep.notes.push_back(fmt::format("{}: no valid segment header", name));
-    // Removed only when scanned without any damage (new or known) and holding nothing:
-    // no message record and no done record (a done record may close a message of an
-    // earlier segment). A segment with quarantined bytes may still hold mail: kept.
-    if (repair && sc.clean() && msgs_here == 0 && done_here == 0 && (sc.header_ok || sc.file_size == sc.unused_bytes)) {
-      ::unlink(path.c_str());
-      ++rep.segments_removed;
-    }
+    // Only a segment scanned without any damage (new or known) may ever be removed: one
+    // with quarantined bytes may still hold mail.
+    si.removable_scan = sc.clean() && (sc.header_ok || sc.file_size == sc.unused_bytes);
   }
   if (repair) {
+    // Reclamation, oldest first (the rules are in recovery.hh).
+    std::vector<bool> removed(segs.size(), false);
+    auto newest_copy = [&](const std::string& id) -> int64_t {
+      auto it = copies_of.find(id);
+      return it == copies_of.end() || it->second.empty() ? -1 : int64_t(it->second.back());
+    };
+    for (uint32_t i = 0; i < segs.size(); ++i) {
+      const seg_info& si = segs[i];
+      if (!si.removable_scan) continue;
+      bool keep = false;
+      for (const auto& id : si.messages)
+        if (id.empty() || (!done_ids.count(id) && newest_copy(id) <= int64_t(i))) keep = true;
+      for (const auto& id : si.statuses)
+        if (id.empty() || (!done_ids.count(id) && newest_copy(id) >= 0 && newest_copy(id) <= int64_t(i)))
+          keep = true;
+      for (const auto& id : si.dones) {
+        auto it = copies_of.find(id);
+        if (it == copies_of.end()) continue;
+        for (uint32_t sgi : it->second)
+          if (sgi != i && !removed[sgi]) keep = true;
+      }
+      if (keep) continue;
+      if (::unlink(si.path.c_str()) != 0) {
+        rep.notes.push_back(fmt::format("{}: cannot remove: {}", base(si.path), strerror(errno)));
+        continue;
+      }
+      // One directory sync per removal: a power cut keeps a prefix of the oldest-first
+      // order, so no done record disappears before the message it closes.
+      fsync_dir(segment_dir(dir));
+      removed[i] = true;
+      ++rep.segments_removed;
+    }
     fsync_dir(segment_dir(dir));
     if (qdir_dirty) fsync_dir(quarantine_dir(dir));
   }

@@ -16,18 +16,32 @@
 
 namespace tern::spool {
 
+// A recipient's delivery state as the status records left it.
+struct queued_rcpt {
+  rcpt_state state = rcpt_state::pending;
+  std::string dsn;   // "4.4.1"
+  std::string text;  // the last diagnostic
+};
+
 struct queued_message {
   std::string id;
-  std::string segment;  // path
+  std::string segment;  // path of the newest copy
   uint64_t offset = 0;  // record offset in the segment
   uint64_t size = 0;    // content bytes
   uint64_t arrival_us = 0;
   uint32_t nrcpt = 0;
+  // Delivery progress (status records, folded in file order).
+  uint32_t attempts = 0;
+  uint64_t next_attempt_us = 0;
+  uint8_t flags = 0;                // status_flags
+  std::vector<queued_rcpt> rcpts;   // nrcpt entries, or empty while none has a state
+  uint32_t copies = 1;              // message records of this id (a copy moved forward: 2)
 };
 
 struct recovery_report {
   uint32_t segments = 0;
-  uint32_t segments_removed = 0;  // held no message: nothing to keep
+  uint32_t segments_removed = 0;  // held nothing live (see recover_spool): reclaimed
+  uint64_t status = 0;            // status records seen
   uint64_t messages = 0;          // message records seen
   uint64_t done = 0;              // done records seen
   uint64_t torn_bytes = 0;        // truncated
@@ -45,6 +59,19 @@ struct recovery_report {
 std::string describe(const std::string& segment_name, const damage& d);
 
 // repair=false: report only (tern-spool check); repair=true: quarantine/truncate/remove.
+//
+// Reclamation (repair only). Segments are considered oldest first (by segment id). One is
+// removed when it was scanned without damage and:
+//   - each of its message records is done, or has a newer copy in a later segment;
+//   - each of its status records is for a message that is done or has a newer copy in a
+//     later segment (a newer copy is always followed by a status record with its state);
+//   - each of its done records is for a message none of whose copies is in a segment that
+//     stays: a done record must outlive the message it closes, or the message would come
+//     back at the next start and be delivered again.
+// Done and status records are always written after the message they refer to, by the
+// shard that owns it, into that shard's current segment, and segment ids only grow, so
+// oldest-first is an order in which every removal is safe; the directory is synced after
+// each unlink so that a power cut keeps a prefix of that order.
 bool recover_spool(const std::string& dir, bool repair, std::vector<queued_message>& queue,
                    recovery_report& rep, std::string& err);
 

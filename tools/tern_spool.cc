@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include <CLI/CLI.hpp>
+#include <array>
 #include <cstdio>
 #include <fmt/format.h>
 #include <string>
@@ -134,6 +135,15 @@ int main(int argc, char** argv) {
 
   std::vector<entry> msgs;
   std::unordered_map<std::string, bool> done;
+  // Delivery progress per id (status records, folded in file order) and the newest copy
+  // of each message (a message copied forward appears twice; the newest one counts).
+  struct progress {
+    uint32_t attempts = 0;
+    uint64_t next_us = 0;
+    std::unordered_map<uint32_t, std::array<std::string, 3>> rcpt;  // index -> state, dsn, text
+  };
+  std::unordered_map<std::string, progress> prog;
+  std::unordered_map<std::string, size_t> newest;
   std::vector<std::string> problems, known;
   quarantine_ledger ledger;
   {
@@ -148,7 +158,21 @@ int main(int argc, char** argv) {
         message_view mv;
         if (!decode_message(rv.payload, mv))  // a valid record whose payload does not decode
           problems.push_back(fmt::format("{}: message record at {} does not decode", path, off));
+        else
+          newest[std::string(mv.id)] = msgs.size();
         msgs.push_back({path, off, std::string(rv.payload)});
+      } else if (rv.type == record_type::status) {
+        status_view sv;
+        if (!decode_status(rv.payload, sv)) {
+          problems.push_back(fmt::format("{}: status record at {} does not decode", path, off));
+          return;
+        }
+        auto& pg = prog[std::string(sv.id)];
+        pg.attempts = sv.attempts;
+        pg.next_us = sv.next_attempt_us;
+        for_each_status(sv, [&](const rcpt_status& e) {
+          pg.rcpt[e.index] = {rcpt_state_text(e.state), std::string(e.dsn), std::string(e.text)};
+        });
       } else if (rv.type == record_type::done) {
         std::string_view d;
         if (decode_done(rv.payload, d)) done[std::string(d)] = true;
@@ -188,14 +212,29 @@ int main(int argc, char** argv) {
       if (!decode_message(e.payload, m)) continue;
       bool is_done = done.count(std::string(m.id)) > 0;
       if (is_done && !all) continue;
+      if (auto nw = newest.find(std::string(m.id)); nw != newest.end() && &msgs[nw->second] != &e) continue;
       std::vector<std::string> rcpts;
       for_each_rcpt(m, [&](const rcpt_view& r) { rcpts.emplace_back(r.addr); });
+      const progress* pg = nullptr;
+      if (auto it = prog.find(std::string(m.id)); it != prog.end()) pg = &it->second;
+      auto rstate = [&](uint32_t i) -> std::array<std::string, 3> {
+        if (pg)
+          if (auto it = pg->rcpt.find(i); it != pg->rcpt.end()) return it->second;
+        return {"pending", "", ""};
+      };
       if (json) {
         fmt::print("{}{{\"id\":{},\"arrival\":{},\"size\":{},\"from\":{},\"client\":{},\"helo\":{},\"done\":{},"
-                   "\"recipients\":[",
+                   "\"attempts\":{},\"next_attempt\":{},\"recipients\":[",
                    n ? "," : "", json_str(m.id), json_str(when(m.arrival_us)), m.content.size(), json_str(m.mail_from),
-                   json_str(m.client_ip), json_str(m.helo), is_done ? "true" : "false");
+                   json_str(m.client_ip), json_str(m.helo), is_done ? "true" : "false", pg ? pg->attempts : 0,
+                   json_str(pg && pg->next_us ? when(pg->next_us) : ""));
         for (size_t i = 0; i < rcpts.size(); ++i) fmt::print("{}{}", i ? "," : "", json_str(rcpts[i]));
+        fmt::print("],\"recipient_state\":[");
+        for (size_t i = 0; i < rcpts.size(); ++i) {
+          auto st = rstate(static_cast<uint32_t>(i));
+          fmt::print("{}{{\"address\":{},\"state\":{},\"dsn\":{},\"diagnostic\":{}}}", i ? "," : "",
+                     json_str(rcpts[i]), json_str(st[0]), json_str(st[1]), json_str(st[2]));
+        }
         fmt::print("]");
         if (with_content) fmt::print(",\"content\":{}", json_str(m.content));
         fmt::print("}}");
@@ -203,7 +242,18 @@ int main(int argc, char** argv) {
         if (n == 0) fmt::print("{:<18} {:>8} {:<20}  {}\n", "-Queue ID-", "-Size-", "-Arrival Time-", "-Sender/Recipient-");
         fmt::print("{:<18}{} {:>8} {:<20}  {}\n", m.id, is_done ? "-" : " ", m.content.size(), when(m.arrival_us),
                    m.mail_from.empty() ? "MAILER-DAEMON" : std::string(m.mail_from));
-        for (auto& r : rcpts) fmt::print("{:>52}{}\n", "", r);
+        if (pg && pg->attempts)
+          fmt::print("{:>52}({} attempt(s){})\n", "", pg->attempts,
+                     pg->next_us ? ", next " + when(pg->next_us) : std::string());
+        for (size_t i = 0; i < rcpts.size(); ++i) {
+          auto st = rstate(static_cast<uint32_t>(i));
+          if (st[0] == "pending") {
+            fmt::print("{:>52}{}\n", "", rcpts[i]);
+          } else {
+            fmt::print("{:>52}{} [{}{}]\n", "", rcpts[i], st[0], st[1].empty() ? "" : " " + st[1]);
+            if (!st[2].empty()) fmt::print("{:>56}({})\n", "", st[2]);
+          }
+        }
       }
       ++n;
     }

@@ -436,3 +436,202 @@ TEST(Recovery, ReadOnlyModeChangesNothing) {
   EXPECT_GT(rep.torn_bytes, 0u);
   EXPECT_EQ(f.read(), all);
 }
+
+// --- delivery status and reclamation -----------------------------------------------------
+
+namespace {
+
+// A message with n recipients r0@y.test ... in a segment with nonce `nn`.
+std::string msg_n(const std::string& qid, uint32_t n, uint64_t nn) {
+  std::string b;
+  size_t s = begin_record(b, record_type::message);
+  envelope_in e;
+  e.id = qid;
+  e.mail_from = "a@b.test";
+  put_message_head(b, e, n);
+  for (uint32_t i = 0; i < n; ++i) put_rcpt(b, "r" + std::to_string(i) + "@y.test", 0, "");
+  std::string content = "Subject: " + qid + "\r\n\r\nbody\r\n";
+  uint32_t len = static_cast<uint32_t>(content.size());
+  for (int i = 0; i < 4; ++i) b.push_back(static_cast<char>(len >> (8 * i)));
+  b += content;
+  finish_record(b, s);
+  set_record_nonce(b.data() + s, nn);
+  return b;
+}
+
+std::string status(const std::string& qid, uint32_t attempts, uint64_t next, std::vector<rcpt_status> e,
+                   uint64_t nn) {
+  std::string b;
+  encode_status(b, qid, attempts, next, 0, e, nn);
+  return b;
+}
+
+std::string done(const std::string& qid, uint64_t nn) {
+  std::string b;
+  encode_done(b, qid, nn);
+  return b;
+}
+
+// Segment `sid` of shard 0 with its own nonce (sid + 1) and the given records.
+struct multi_spool {
+  tmpdir t;
+  multi_spool() {
+    std::string err;
+    EXPECT_TRUE(ensure_spool_dirs(t.path, err)) << err;
+  }
+  static uint64_t nonce_of(uint64_t sid) { return 0xABCD000000000000ull + sid; }
+  std::string path(uint64_t sid) const { return segment_dir(t.path) + "/" + segment_name(sid, 0); }
+  void write(uint64_t sid, const std::string& records) {
+    std::string h;
+    encode_segment_header(h, 0, sid, 1, nonce_of(sid));
+    std::ofstream(path(sid), std::ios::binary) << h + records;
+  }
+  bool exists(uint64_t sid) const { return std::filesystem::exists(path(sid)); }
+};
+
+}  // namespace
+
+TEST(SpoolStatus, RoundTripAndBounds) {
+  std::vector<rcpt_status> e{{0, rcpt_state::delivered, "2.0.0", "250 ok"},
+                             {2, rcpt_state::failed, "5.1.1", std::string_view("x")}};
+  std::string long_text(5000, 'z');
+  e.push_back({1, rcpt_state::deferred, "4.4.1", long_text});
+  std::string b;
+  encode_status(b, "ABC", 3, 123456789, status_delay_warned, e, 0);
+  record_view rv;
+  ASSERT_EQ(read_record({reinterpret_cast<const unsigned char*>(b.data()), b.size()}, 0, rv), read_status::ok);
+  EXPECT_EQ(rv.type, record_type::status);
+  status_view sv;
+  ASSERT_TRUE(decode_status(rv.payload, sv));
+  EXPECT_EQ(sv.id, "ABC");
+  EXPECT_EQ(sv.attempts, 3u);
+  EXPECT_EQ(sv.next_attempt_us, 123456789u);
+  EXPECT_EQ(sv.flags, status_delay_warned);
+  std::vector<rcpt_status> got;
+  ASSERT_TRUE(for_each_status(sv, [&](const rcpt_status& r) { got.push_back(r); }));
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got[1].index, 2u);
+  EXPECT_EQ(got[1].state, rcpt_state::failed);
+  EXPECT_EQ(got[1].dsn, "5.1.1");
+  EXPECT_EQ(got[2].text.size(), max_status_text) << "a remote server's long text is cut";
+  // Truncated or lying payloads are refused, never read past.
+  for (size_t cut = 1; cut < rv.payload.size(); ++cut) {
+    status_view bad;
+    EXPECT_FALSE(decode_status(rv.payload.substr(0, rv.payload.size() - cut), bad)) << cut;
+  }
+}
+
+TEST(RecoveryStatus, FoldsPerRecipientStateInFileOrder) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  s.write(1, msg_n(id(1), 3, n1) +
+                 status(id(1), 1, 111, {{0, rcpt_state::delivered, "2.0.0", "250 ok"},
+                                        {1, rcpt_state::deferred, "4.2.0", "451 later"},
+                                        {2, rcpt_state::deferred, "4.2.0", "451 later"}}, n1));
+  s.write(2, status(id(1), 2, 222, {{1, rcpt_state::failed, "5.1.1", "550 no"}, {7, rcpt_state::failed, "5.0.0", "x"}},
+                    n2));
+  auto [q, rep] = recover(s.t.path, true);
+  ASSERT_EQ(q.size(), 1u);
+  EXPECT_EQ(rep.status, 2u);
+  EXPECT_EQ(q[0].attempts, 2u);
+  EXPECT_EQ(q[0].next_attempt_us, 222u);
+  ASSERT_EQ(q[0].rcpts.size(), 3u);
+  EXPECT_EQ(q[0].rcpts[0].state, rcpt_state::delivered);
+  EXPECT_EQ(q[0].rcpts[1].state, rcpt_state::failed);
+  EXPECT_EQ(q[0].rcpts[1].text, "550 no");
+  EXPECT_EQ(q[0].rcpts[2].state, rcpt_state::deferred);
+  EXPECT_TRUE(s.exists(1) && s.exists(2)) << "a live message and its state are kept";
+}
+
+TEST(RecoveryReclaim, FullyDoneSegmentsGoOldestFirst) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  s.write(1, msg_n(id(1), 1, n1) + msg_n(id(2), 1, n1));
+  s.write(2, done(id(1), n2) + done(id(2), n2));
+  auto [q, rep] = recover(s.t.path, true);
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(rep.segments_removed, 2u);
+  EXPECT_FALSE(s.exists(1));
+  EXPECT_FALSE(s.exists(2));
+}
+
+TEST(RecoveryReclaim, DoneRecordOutlivesTheMessageItCloses) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  s.write(1, msg_n(id(1), 1, n1) + msg_n(id(2), 1, n1));
+  s.write(2, done(id(1), n2));
+  auto [q, rep] = recover(s.t.path, true);
+  ASSERT_EQ(ids_of(q), std::vector<std::string>{id(2)});
+  EXPECT_TRUE(s.exists(1)) << "holds a live message";
+  EXPECT_TRUE(s.exists(2)) << "its done record must stay while message 1's record exists";
+  // Restart again: nothing changes, nothing comes back.
+  auto [q2, rep2] = recover(s.t.path, true);
+  EXPECT_EQ(ids_of(q2), std::vector<std::string>{id(2)});
+  EXPECT_EQ(rep2.segments_removed, 0u);
+}
+
+TEST(RecoveryReclaim, CopiedForwardMessageFreesItsOldSegment) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  s.write(1, msg_n(id(1), 2, n1) + msg_n(id(2), 1, n1) +
+                 status(id(1), 4, 999, {{0, rcpt_state::delivered, "2.0.0", "ok"}}, n1));
+  s.write(2, done(id(2), n2) + msg_n(id(1), 2, n2) +
+                 status(id(1), 4, 999, {{0, rcpt_state::delivered, "2.0.0", "ok"}}, n2));
+  auto [q, rep] = recover(s.t.path, true);
+  ASSERT_EQ(q.size(), 1u);
+  EXPECT_EQ(q[0].segment, s.path(2)) << "the newest copy is the one to read";
+  EXPECT_EQ(q[0].copies, 2u);
+  EXPECT_EQ(q[0].attempts, 4u);
+  ASSERT_EQ(q[0].rcpts.size(), 2u);
+  EXPECT_EQ(q[0].rcpts[0].state, rcpt_state::delivered);
+  EXPECT_FALSE(s.exists(1)) << "everything in it is done or has a newer copy";
+  EXPECT_TRUE(s.exists(2));
+  auto [q2, rep2] = recover(s.t.path, true);
+  ASSERT_EQ(q2.size(), 1u);
+  EXPECT_EQ(q2[0].attempts, 4u) << "the copy's status record carries the state";
+  EXPECT_EQ(q2[0].rcpts[0].state, rcpt_state::delivered);
+}
+
+TEST(RecoveryReclaim, StatusOfALiveMessageKeepsItsSegment) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  s.write(1, msg_n(id(1), 1, n1));
+  s.write(2, status(id(1), 1, 5, {{0, rcpt_state::deferred, "4.0.0", "later"}}, n2));
+  auto [q, rep] = recover(s.t.path, true);
+  ASSERT_EQ(q.size(), 1u);
+  EXPECT_EQ(rep.segments_removed, 0u);
+  EXPECT_TRUE(s.exists(2)) << "the only record of the attempt";
+}
+
+TEST(RecoveryReclaim, DamagedSegmentIsNeverReclaimed) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  std::string m1 = msg_n(id(1), 1, n1), m2 = msg_n(id(2), 1, n1);
+  m1[record_header_size + 3] ^= 0x40;  // content damage: a corrupt region before m2
+  s.write(1, m1 + m2);
+  s.write(2, done(id(2), n2) + done(id(1), n2));
+  auto [q, rep] = recover(s.t.path, true);
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(rep.new_damage, 1u);
+  EXPECT_TRUE(s.exists(1)) << "damaged: kept whatever its records say";
+  EXPECT_TRUE(s.exists(2)) << "closes message 2, whose record is in a kept segment";
+}
+
+TEST(RecoveryReclaim, OrphanDoneRecordsGo) {
+  multi_spool s;
+  s.write(3, done(id(9), multi_spool::nonce_of(3)) +
+                 status(id(9), 1, 1, {{0, rcpt_state::delivered, "2.0.0", "ok"}}, multi_spool::nonce_of(3)));
+  auto [q, rep] = recover(s.t.path, true);
+  EXPECT_TRUE(q.empty());
+  EXPECT_FALSE(s.exists(3)) << "they close messages whose segments were reclaimed earlier";
+}
+
+TEST(RecoveryReclaim, CheckModeRemovesNothing) {
+  multi_spool s;
+  uint64_t n1 = multi_spool::nonce_of(1), n2 = multi_spool::nonce_of(2);
+  s.write(1, msg_n(id(1), 1, n1));
+  s.write(2, done(id(1), n2));
+  auto [q, rep] = recover(s.t.path, false);
+  EXPECT_TRUE(q.empty());
+  EXPECT_TRUE(s.exists(1) && s.exists(2));
+}
