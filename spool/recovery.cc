@@ -116,6 +116,7 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
           q.id = id;
           q.segment = path;
           q.offset = off;
+          q.record_size = rv.size;
           q.size = m.content.size();
           q.arrival_us = m.arrival_us;
           q.nrcpt = m.nrcpt;
@@ -125,6 +126,7 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
           // (the status record after the copy repeats it anyway).
           it->second.segment = path;
           it->second.offset = off;
+          it->second.record_size = rv.size;
           ++it->second.copies;
         }
       } else if (rv.type == record_type::done) {

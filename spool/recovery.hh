@@ -27,6 +27,7 @@ struct queued_message {
   std::string id;
   std::string segment;  // path of the newest copy
   uint64_t offset = 0;  // record offset in the segment
+  uint64_t record_size = 0;  // header + payload: what delivery reads
   uint64_t size = 0;    // content bytes
   uint64_t arrival_us = 0;
   uint32_t nrcpt = 0;
