@@ -418,11 +418,15 @@ void writer::maybe_finish_batch(std::vector<result>& out) {
   }
   if (fsync_expected_ && fsync_res_ < 0) return fail_batch(-fsync_res_, "fdatasync", out);
   in_flight_ = false;
+  uint64_t at = offset_;
   offset_ += batch_bytes_;
   ++batches_;
   records_ += batch_.size();
   bytes_ += batch_bytes_;
-  for (auto& it : batch_) out.push_back({it.token, true});
+  for (auto& it : batch_) {
+    out.push_back({it.token, true, at, segment_id_});
+    at += it.n;
+  }
   batch_.clear();
   maybe_prepare_spare();
 }

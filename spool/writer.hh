@@ -64,6 +64,8 @@ class writer {
   struct result {
     uint64_t token;
     bool ok;
+    uint64_t offset = 0;      // ok: where the record starts in its segment
+    uint64_t segment_id = 0;  // ok: the segment it is in (segment_name(segment_id, shard))
   };
   // The writer's op codes (low 4 bits of user_data).
   enum op : unsigned {
@@ -129,6 +131,7 @@ class writer {
   uint64_t rollovers() const noexcept { return rollovers_; }
   uint64_t continued_writes() const noexcept { return continued_; }
   const std::string& segment_path() const noexcept { return path_; }
+  uint64_t segment_id() const noexcept { return segment_id_; }
   uint64_t offset() const noexcept { return offset_; }
 
   // Test hook: make the next batch fail as if the disk returned `err` (fault injection).

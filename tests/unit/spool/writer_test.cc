@@ -101,7 +101,14 @@ TEST(Writer, GroupCommitThenRecoverable) {
   EXPECT_EQ(w.batches(), 1u);  // one writev + one fdatasync for all ten
   recovery_report rep;
   auto q = f.recovered(rep);
-  EXPECT_EQ(q.size(), 10u);
+  ASSERT_EQ(q.size(), 10u);
+  // Each result says where its record is: what delivery reads back.
+  for (size_t i = 0; i < out.size(); ++i) {
+    EXPECT_EQ(out[i].segment_id, w.segment_id());
+    EXPECT_EQ(out[i].offset, q[out[i].token].offset) << i;
+    EXPECT_EQ(q[out[i].token].segment, w.segment_path());
+    EXPECT_EQ(q[out[i].token].record_size, msgs[out[i].token].size());
+  }
 }
 
 class WriterRing : public ::testing::TestWithParam<unsigned> {};
