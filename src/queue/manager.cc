@@ -24,8 +24,33 @@ void manager::add(message_info m) {
   x = msg{};
   x.st = mstate::queued;
   x.info = std::move(m);
+  ++segs_[x.info.segment];
   due_.push({x.info.next_attempt_us, h});
   ++live_;
+}
+
+void manager::set_current_segment(const std::string& path) {
+  if (path == current_) return;
+  current_ = path;
+  segs_.try_emplace(path, 0);
+}
+
+void manager::track_segment(const std::string& path) { segs_.try_emplace(path, 0); }
+
+bool manager::next_removal(std::string& path) {
+  if (removing_ || segs_.empty()) return false;
+  auto it = segs_.begin();
+  // Live counts drop only once a done record (or a forward copy) is durable, so a segment
+  // at zero holds nothing that is needed any more, once everything older is gone.
+  if (it->second != 0 || it->first == current_) return false;
+  removing_ = true;
+  path = it->first;
+  return true;
+}
+
+void manager::segment_removed(const std::string& path, bool ok) {
+  removing_ = false;
+  if (ok) segs_.erase(path);
 }
 
 bool manager::next_load(uint64_t now_us, load_request& req) {
@@ -261,6 +286,18 @@ void manager::end_round(msg_handle h, uint64_t now_us) {
   }
   if (any_deferred) x.info.next_attempt_us = next_attempt_us(opt_.retry, x.info.attempts, now_us, x.info.arrival_us, rng_);
   std::string rec;
+  // Copy forward a deferred message whose record is in an older segment than the current
+  // one: the record (in memory now), then its whole state, so the old segment can go.
+  x.moving = any_deferred && !unreadable && !current_.empty() && x.info.segment < current_ &&
+             x.record.size() == x.info.record_size;
+  if (x.moving) {
+    rec = x.record;
+    changed.clear();
+    for (uint32_t i = 0; i < n; ++i)
+      if (x.info.state[i] != rcpt_state::pending)
+        changed.push_back({i, x.info.state[i], i < x.last.size() ? std::string_view(x.last[i].dsn) : "",
+                           i < x.last.size() ? std::string_view(x.last[i].text) : ""});
+  }
   spool::encode_status(rec, x.info.id, x.info.attempts, any_deferred ? x.info.next_attempt_us : 0, x.info.flags, changed);
   if (!any_deferred) {
     spool::encode_done(rec, x.info.id);
@@ -283,13 +320,25 @@ bool manager::next_record(record_out& out) {
   return true;
 }
 
-void manager::record_durable(uint64_t token, bool ok, uint64_t now_us) {
+void manager::record_durable(uint64_t token, bool ok, uint64_t now_us, const std::string& segment,
+                             uint64_t offset) {
   records_.erase(token);
+  if (ok && !segment.empty()) segs_.try_emplace(segment, 0);
   auto it = writing_.find(token);
   if (it == writing_.end()) return;
   msg_handle h = it->second;
   writing_.erase(it);
   msg& x = msgs_[h];
+  if (ok && x.moving && !segment.empty()) {
+    // The copy is durable: the message lives in the new segment from now on.
+    auto old = segs_.find(x.info.segment);
+    if (old != segs_.end() && old->second) --old->second;
+    x.info.segment = segment;
+    x.info.offset = offset;
+    ++segs_[segment];
+    ++moved_;
+  }
+  x.moving = false;
   --active_;
   active_bytes_ -= std::min(active_bytes_, x.info.record_size);
   x.record.clear();
@@ -309,6 +358,8 @@ void manager::record_durable(uint64_t token, bool ok, uint64_t now_us) {
     x.info.next_attempt_us = now_us + 1000000;
   }
   if (finished) {
+    auto sg = segs_.find(x.info.segment);
+    if (sg != segs_.end() && sg->second) --sg->second;
     x.st = mstate::free;
     x.info = message_info{};
     free_.push_back(h);

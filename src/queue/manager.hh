@@ -18,6 +18,15 @@
 // the last failure as the reason. Mail for a domain with no destination is deferred with
 // "no route".
 //
+// Spool reclamation at run time (the rules of spool/recovery.hh): the manager counts, per
+// segment, the messages whose newest record is in it and that are not done. Segments are
+// removed strictly oldest first, one at a time (the shard unlinks and syncs the directory,
+// then calls segment_removed), never the writer's current one. A message deferred while
+// its record is in an older segment than the writer's current one is copied forward at the
+// end of its round (its record, which is in memory, then a status record with its whole
+// state), so a long-deferred message never pins an old segment: disk use stays bounded
+// by live mail plus about one segment.
+//
 // Bounded: at most active_limit messages (and active_bytes of records) are loaded at once;
 // the rest wait in the queue as small entries (id, location, state).
 //
@@ -26,6 +35,7 @@
 // decoding them (a record that does not decode is deferred, never crashes the shard).
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <queue>
 #include <span>
@@ -150,9 +160,21 @@ class manager {
   // goes back to the front of its destination's queue, to be tried on another host.
   void job_requeue(std::unique_ptr<job> j);
 
-  // 4. Spool records of ended rounds, in order; record_durable() when written.
+  // 4. Spool records of ended rounds, in order; record_durable() when written, with the
+  // segment and offset the writer reports for it.
   bool next_record(record_out& out);
-  void record_durable(uint64_t token, bool ok, uint64_t now_us);
+  void record_durable(uint64_t token, bool ok, uint64_t now_us, const std::string& segment = {},
+                      uint64_t offset = 0);
+
+  // 5. Segments. The writer's current segment (the shard tells it after every batch and
+  // rollover); segments recovery kept that hold no queued message (their done records may
+  // close messages of older segments); the next segment to remove, one at a time.
+  void set_current_segment(const std::string& path);
+  void track_segment(const std::string& path);
+  bool next_removal(std::string& path);
+  void segment_removed(const std::string& path, bool ok);
+  size_t segments() const noexcept { return segs_.size(); }
+  uint64_t moved() const noexcept { return moved_; }
   // Rounds that ended (for log lines and bounces); the shard drains them in the same loop
   // iteration, while view() of their message is still valid (until record_durable).
   std::vector<round_result>& results() noexcept { return results_; }
@@ -176,6 +198,7 @@ class manager {
     std::vector<spool::rcpt_state> before;  // state at the round's start (what changed)
     std::vector<rcpt_result> last;          // per recipient: the round's results
     uint64_t writing_token = 0;
+    bool moving = false;  // the round's records start with a copy of the message record
   };
   struct dest_state {
     std::deque<std::unique_ptr<job>> waiting;
@@ -210,6 +233,12 @@ class manager {
   size_t live_ = 0, active_ = 0;
   uint64_t active_bytes_ = 0;
   uint64_t rounds_ = 0;
+  uint64_t moved_ = 0;
+  // Segment path -> live messages in it. std::map: the names sort by segment id (16 hex
+  // digits), so begin() is the oldest.
+  std::map<std::string, uint32_t> segs_;
+  std::string current_;
+  bool removing_ = false;
 };
 
 }  // namespace tern::queue

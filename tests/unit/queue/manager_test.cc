@@ -365,3 +365,91 @@ TEST(Manager, RequeuedJobGoesFirst) {
   auto j2 = h.mgr.take_job(c.dest);
   EXPECT_EQ(h.mgr.id_of(j2->msg), first);
 }
+
+TEST(ManagerSegments, RemovedOldestFirstNeverTheCurrentOne) {
+  harness h;
+  h.mgr.set_current_segment("seg-0003");
+  h.mgr.track_segment("seg-0001");
+  message_info m;
+  m.id = "M1";
+  m.segment = "seg-0002";
+  h.records["M1"] = record("M1", {"a@x.example"});
+  m.record_size = h.records["M1"].size();
+  h.mgr.add(m);
+  std::string p;
+  ASSERT_TRUE(h.mgr.next_removal(p));
+  EXPECT_EQ(p, "seg-0001");
+  std::string p2;
+  EXPECT_FALSE(h.mgr.next_removal(p2)) << "one removal at a time";
+  h.mgr.segment_removed(p, true);
+  EXPECT_FALSE(h.mgr.next_removal(p)) << "seg-0002 holds a live message";
+  h.load_due(0);
+  connect_request c;
+  ASSERT_TRUE(h.mgr.next_connect(0, 0, c));
+  std::vector<rcpt_result> res{ok()};
+  h.mgr.job_done(h.mgr.take_job(c.dest), res, 0);
+  EXPECT_FALSE(h.mgr.next_removal(p)) << "not before the done record is durable";
+  record_out r;
+  ASSERT_TRUE(h.mgr.next_record(r));
+  h.mgr.record_durable(r.token, true, 0, "seg-0003", 100);
+  ASSERT_TRUE(h.mgr.next_removal(p));
+  EXPECT_EQ(p, "seg-0002");
+  h.mgr.segment_removed(p, true);
+  EXPECT_FALSE(h.mgr.next_removal(p)) << "the current segment stays";
+  EXPECT_EQ(h.mgr.segments(), 1u);
+}
+
+TEST(ManagerSegments, DeferredMessageIsCopiedForwardAndFreesItsSegment) {
+  harness h;
+  h.mgr.set_current_segment("seg-0001");
+  message_info m;
+  m.id = "M1";
+  m.segment = "seg-0001";
+  h.records["M1"] = record("M1", {"a@x.example", "b@x.example"});
+  m.record_size = h.records["M1"].size();
+  h.mgr.add(m);
+  // First round in the same segment: deferred, no copy.
+  h.load_due(0);
+  connect_request c;
+  ASSERT_TRUE(h.mgr.next_connect(0, 0, c));
+  h.mgr.connected(c.dest, c.host);
+  std::vector<rcpt_result> res{ok(), later()};
+  h.mgr.job_done(h.mgr.take_job(c.dest), res, 0);
+  h.mgr.disconnected(c.dest);
+  record_out r;
+  ASSERT_TRUE(h.mgr.next_record(r));
+  EXPECT_EQ(spool::record_type(static_cast<uint8_t>((*r.bytes)[8])), spool::record_type::status);
+  h.mgr.record_durable(r.token, true, 0, "seg-0001", 500);
+  EXPECT_EQ(h.mgr.moved(), 0u);
+  // The writer rolled over; the retry is deferred again: the record moves forward.
+  h.mgr.set_current_segment("seg-0002");
+  h.mgr.results().clear();
+  h.load_due(60 * S);
+  ASSERT_TRUE(h.mgr.next_connect(0, 60 * S, c));
+  std::vector<rcpt_result> res2{later()};
+  h.mgr.job_done(h.mgr.take_job(c.dest), res2, 60 * S);
+  ASSERT_TRUE(h.mgr.next_record(r));
+  const std::string& bytes = *r.bytes;
+  auto data = std::span<const unsigned char>(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+  spool::record_view rv;
+  ASSERT_EQ(spool::read_record(data, 0, rv), spool::read_status::ok);
+  EXPECT_EQ(rv.type, spool::record_type::message) << "the copy first";
+  EXPECT_EQ(std::string(bytes.data(), rv.size), h.records["M1"]) << "byte for byte";
+  spool::record_view rv2;
+  ASSERT_EQ(spool::read_record(data, rv.size, rv2), spool::read_status::ok);
+  spool::status_view sv;
+  ASSERT_TRUE(spool::decode_status(rv2.payload, sv));
+  EXPECT_EQ(sv.count, 2u) << "then the whole state, not only what changed";
+  std::string p;
+  EXPECT_FALSE(h.mgr.next_removal(p)) << "not before the copy is durable";
+  h.mgr.record_durable(r.token, true, 60 * S, "seg-0002", 0);
+  EXPECT_EQ(h.mgr.moved(), 1u);
+  ASSERT_TRUE(h.mgr.next_removal(p));
+  EXPECT_EQ(p, "seg-0001");
+  h.mgr.segment_removed(p, true);
+  // The next round reads the copy.
+  load_request req;
+  ASSERT_TRUE(h.mgr.next_load(10000 * S, req));
+  EXPECT_EQ(req.segment, "seg-0002");
+  EXPECT_EQ(req.offset, 0u);
+}
