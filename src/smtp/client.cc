@@ -867,10 +867,17 @@ void client::reply_dot(uint32_t i) {
 
 void client::finish_message(bool clean) {
   need_rset_ = !clean;
-  client_reply none;
-  set_status(none.status, "4.3.0");
-  none.text.assign("no final reply for this recipient");
-  fail_all(rcpt_status::deferred, none);  // nothing should be left; never leave one open
+  // Nothing should be left open here; if a path ever does, the recipient is deferred, not
+  // lost. (Built only then: the steady state does not allocate.)
+  for (uint32_t i = 0; i < nres_; ++i) {
+    auto st = results_[i].status;
+    if (st != rcpt_status::pending && st != rcpt_status::accepted) continue;
+    client_reply none;
+    set_status(none.status, "4.3.0");
+    none.text.assign("no final reply for this recipient");
+    fail_all(rcpt_status::deferred, none);
+    break;
+  }
   msg_active_ = false;
   results_ready_ = true;
   stage_ = client_stage::idle;

@@ -196,8 +196,12 @@ class client {
   std::span<const rcpt_result> results() const noexcept { return {results_.data(), nres_}; }
 
   // The connection ended on a failure (greeting, EHLO, TLS, AUTH, protocol, 421, timeout,
-  // lost); failure() says why. deferral: whether the host should treat it as temporary
-  // (everything but a 5xx greeting or EHLO/HELO refusal).
+  // lost); failure() says why: the server's reply (code, status, text, command), or a local
+  // decision (code 0, e.g. "4.7.4 TLS is required, but was not offered by host", "4.5.0
+  // protocol error: ...", "4.4.2 conversation timed out while ..."). Recipients of the
+  // message in progress without a final result are deferred with it, whatever the code.
+  // failure_is_permanent(): the server refused us with a 5xx greeting or EHLO/LHLO/HELO
+  // reply; the host decides what that means for its queue (the code is in failure()).
   bool failed() const noexcept { return failed_; }
   const client_reply& failure() const noexcept { return failure_; }
   bool failure_is_permanent() const noexcept { return failure_permanent_; }

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/unit/common/alloc_counter.hh"
+
 using namespace tern;
 using namespace tern::smtp;
 
@@ -867,4 +869,45 @@ TEST(Client, CapabilityParsing) {
               k.enhancedstatuscodes && k.auth && k.auth_plain && k.auth_login);
   EXPECT_FALSE(k.starttls);
   EXPECT_EQ(k.size_limit, 52428800u);
+}
+
+// A connection that is reused for message after message reaches a steady state in which the
+// client allocates nothing: buffers, the reply queue and the result strings keep their
+// capacity (the host's output string is swapped, not copied).
+TEST(Client, SteadyStateMessagesAllocateNothing) {
+  harness h;
+  h.budget = 1000;
+  h.rcpts = {{"first.recipient@example.net", spool::notify_failure, "rfc822;first.recipient@example.net"},
+             {"second.recipient@example.net", 0, {}}};
+  h.content = "Subject: steady\r\n\r\n";
+  while (h.content.size() < 8192) h.content += ".x" + std::string(70, 'y') + "\n";
+  h.start();
+  h.talk("250-mx.example.net says hello\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250 DSN\r\n");
+  h.msg.rcpts = h.rcpts;
+  h.msg.content = h.content;
+  const std::string replies =
+      "250 2.1.0 sender ok, and a long text\r\n250 2.1.5 recipient ok, and a long text\r\n"
+      "550-5.1.1 no such user here, with a text\r\n550 5.1.1 that runs on two lines\r\n354 go ahead\r\n";
+  const std::string done = "250 2.0.0 Ok: queued as 0123456789ABCDEF\r\n";
+  std::string out;
+  size_t bytes = 0;
+  auto one = [&] {
+    if (!h.c.send(h.msg)) return false;
+    h.c.take_output(out);
+    h.c.feed(replies);
+    while (h.c.stage() == client_stage::body) {
+      h.c.produce(h.budget);
+      h.c.take_output(out);
+      bytes += out.size();
+    }
+    h.c.feed(done);
+    return h.c.has_results() && h.res(0).status == rcpt_status::delivered &&
+           h.res(1).status == rcpt_status::failed;
+  };
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(one());
+  long before = allocations.load();
+  for (int i = 0; i < 100; ++i) ASSERT_TRUE(one());
+  long during = allocations.load() - before;
+  EXPECT_EQ(during, 0) << "heap allocations in 100 steady-state messages";
+  EXPECT_GT(bytes, 100u * 8192u);
 }
