@@ -242,7 +242,10 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
     };
     for (uint32_t i = 0; i < segs.size(); ++i) {
       const seg_info& si = segs[i];
-      if (!si.removable_scan) continue;
+      if (!si.removable_scan) {
+        rep.kept_segments.push_back(si.path);
+        continue;
+      }
       bool keep = false;
       for (const auto& id : si.messages)
         if (id.empty() || (!done_ids.count(id) && newest_copy(id) <= int64_t(i))) keep = true;
@@ -255,9 +258,13 @@ bool recover_spool(const std::string& dir, bool repair, std::vector<queued_messa
         for (uint32_t sgi : it->second)
           if (sgi != i && !removed[sgi]) keep = true;
       }
-      if (keep) continue;
+      if (keep) {
+        rep.kept_segments.push_back(si.path);
+        continue;
+      }
       if (::unlink(si.path.c_str()) != 0) {
         rep.notes.push_back(fmt::format("{}: cannot remove: {}", base(si.path), strerror(errno)));
+        rep.kept_segments.push_back(si.path);
         continue;
       }
       // One directory sync per removal: a power cut keeps a prefix of the oldest-first

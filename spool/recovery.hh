@@ -54,6 +54,7 @@ struct recovery_report {
   uint64_t max_epoch_ms = 0;      // newest queue-id epoch seen (ids stay unique)
   uint64_t max_segment_id = 0;
   std::vector<std::string> notes; // one line per repair, for the log
+  std::vector<std::string> kept_segments;  // segments left in place (repair): delivery tracks them
 };
 
 // One line for a damaged region: "SEGMENT: KIND at B..E (N bytes, crc32c X): WHY".

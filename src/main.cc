@@ -45,8 +45,6 @@ int run(const config::config& cfg) {
                  : cfg.log_level == "error" ? log::level::error
                                             : log::level::info);
   for (const auto& w : cfg.warnings) log::warn("config: {}", w);
-  if (!cfg.smarthosts.empty() || !cfg.routes.empty())
-    log::warn("delivery is not available in this build yet: accepted mail stays in the spool");
   // One fd per session slot plus listeners and spool, per shard.
   unsigned ncpu = std::max(1u, std::thread::hardware_concurrency());
   unsigned nshards = cfg.shards ? cfg.shards : ncpu;
@@ -115,6 +113,22 @@ int run(const config::config& cfg) {
   sigaddset(&sigs, SIGPIPE);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
+  // The recovered queue goes to the shards: each segment to the shard that wrote it, or,
+  // for a shard index that no longer exists (fewer shards than before), to index mod
+  // shards, so nothing is orphaned. A shard owns whole segment chains, so its oldest-first
+  // reclamation order stays safe (spool/recovery.hh).
+  auto owner_of = [&](const std::string& path) -> unsigned {
+    auto dash = path.rfind('-'), dot = path.rfind(".seg");
+    unsigned sh = 0;
+    if (dash != std::string::npos && dot != std::string::npos && dot > dash + 1)
+      sh = static_cast<unsigned>(strtoul(path.substr(dash + 1, dot - dash - 1).c_str(), nullptr, 10));
+    return sh % nshards;
+  };
+  std::vector<std::vector<spool::queued_message>> per_shard(nshards);
+  std::vector<std::vector<std::string>> kept(nshards);
+  for (auto& q : queue) per_shard[owner_of(q.segment)].push_back(std::move(q));
+  for (auto& k : rep.kept_segments) kept[owner_of(k)].push_back(k);
+  queue.clear();
   std::vector<std::unique_ptr<server::shard>> shards;
   std::vector<std::thread> threads;
   std::vector<std::promise<std::string>> ready(nshards);
@@ -126,6 +140,8 @@ int run(const config::config& cfg) {
     su.listen_fds = fds[s];
     su.epoch_floor_ms = rep.max_epoch_ms;
     su.segment_floor_id = rep.max_segment_id;
+    su.recovered = std::move(per_shard[s]);
+    su.kept_segments = std::move(kept[s]);
     shards.push_back(std::make_unique<server::shard>(std::move(su)));
   }
   for (unsigned s = 0; s < nshards; ++s) {
@@ -210,12 +226,19 @@ int run(const config::config& cfg) {
   }
   for (auto& sh : shards) sh->request_stop();
   for (auto& t : threads) t.join();
-  uint64_t msgs = 0, conns = 0;
+  uint64_t msgs = 0, conns = 0, sent = 0, left = 0;
   for (auto& sh : shards) {
     msgs += sh->counters().messages.load();
     conns += sh->counters().connections.load();
+    if (auto* d = sh->deliveries()) {
+      sent += d->counters().delivered;
+      left += d->queued();
+    }
   }
-  if (!failed) log::info("ternd stopped: {} connection(s), {} message(s) queued in this run", conns, msgs);
+  if (!failed)
+    log::info("ternd stopped: {} connection(s), {} message(s) queued in this run, {} recipient(s) delivered, "
+              "{} message(s) left in the queue",
+              conns, msgs, sent, left);
   return failed ? 1 : 0;
 }
 

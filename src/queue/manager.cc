@@ -54,6 +54,10 @@ void manager::segment_removed(const std::string& path, bool ok) {
 }
 
 bool manager::next_load(uint64_t now_us, load_request& req) {
+  // No destination at all (no smarthost, no route): every recipient would be deferred
+  // with "no route"; the messages stay queued untouched (no read, no status record), and
+  // the configuration warning at start says why.
+  if (routes_.size() == 0) return false;
   while (!due_.empty()) {
     auto [at, h] = due_.top();
     if (at > now_us) return false;
@@ -107,6 +111,7 @@ void manager::loaded(msg_handle h, bool ok, const std::string& err, uint64_t now
   if (x.info.state.size() != n) x.info.state.assign(n, rcpt_state::pending);
   x.before = x.info.state;
   x.last.assign(n, rcpt_result{});
+  x.local.assign(n, false);
   // Route every recipient not final yet; one job per destination.
   std::vector<std::unique_ptr<job>> by_dest(routes_.size());
   uint32_t i = 0;
@@ -117,6 +122,7 @@ void manager::loaded(msg_handle h, bool ok, const std::string& err, uint64_t now
     uint32_t d = routes_.route_for(r.addr);
     if (d == no_destination) {
       x.info.state[idx] = rcpt_state::deferred;
+      x.local[idx] = true;
       x.last[idx] = {rcpt_state::deferred, "4.3.5",
                      "no route to the recipient's domain: no [[smarthost]] is configured and no [[route]] matches"};
       no_route = true;
@@ -221,6 +227,7 @@ void manager::defer_job(job& j, const std::string& dsn, const std::string& reaso
     if (i >= x.last.size()) continue;
     x.info.state[i] = rcpt_state::deferred;
     x.last[i] = {rcpt_state::deferred, dsn, reason};
+    if (i < x.local.size()) x.local[i] = true;
   }
   if (x.jobs_open) --x.jobs_open;
 }
@@ -271,7 +278,9 @@ void manager::end_round(msg_handle h, uint64_t now_us) {
         std::string why = i < x.last.size() && !x.last[i].text.empty() ? x.last[i].text : "no attempt succeeded";
         x.info.state[i] = rcpt_state::failed;
         if (x.last.size() < n) x.last.resize(n);
+        if (x.local.size() < n) x.local.resize(n);
         x.last[i] = {rcpt_state::failed, "4.4.7", "delivery time expired: " + why};
+        x.local[i] = true;
       }
     any_deferred = false;
   }
@@ -280,6 +289,7 @@ void manager::end_round(msg_handle h, uint64_t now_us) {
     rcpt_state b = i < x.before.size() ? x.before[i] : rcpt_state::pending;
     if (x.info.state[i] == rcpt_state::failed && b != rcpt_state::failed) rr.failed_now.push_back(i);
     if (x.info.state[i] == rcpt_state::delivered && b != rcpt_state::delivered) rr.delivered_now.push_back(i);
+    if (i < x.local.size() && x.local[i]) rr.decided_here.push_back(i);
     // Deferred recipients are written every round (their reason changes); finals once.
     if (x.info.state[i] != b || x.info.state[i] == rcpt_state::deferred)
       changed.push_back({i, x.info.state[i], x.last[i].dsn, x.last[i].text});
@@ -345,6 +355,7 @@ void manager::record_durable(uint64_t token, bool ok, uint64_t now_us, const std
   x.record.shrink_to_fit();
   x.view = spool::message_view{};
   x.last.clear();
+  x.local.clear();
   x.before.clear();
   bool finished = true;
   for (auto s : x.info.state)

@@ -106,6 +106,10 @@ struct round_result {
   bool finished = false;  // nothing left to deliver: a done record was written
   std::vector<uint32_t> failed_now;   // recipients that failed in this round (bounce them)
   std::vector<uint32_t> delivered_now;
+  // Recipients whose result in this round was decided without a conversation (no route,
+  // no host reachable, an unreadable record, expiry): the shard logs them; results from a
+  // connection were logged with their relay already.
+  std::vector<uint32_t> decided_here;
   bool expired = false;
 };
 
@@ -137,6 +141,11 @@ class manager {
   // The decoded record of an active message (valid until its round ends).
   const spool::message_view& view(msg_handle h) const { return msgs_[h].view; }
   const std::string& id_of(msg_handle h) const { return msgs_[h].info.id; }
+  // The round's result for recipient i of an active or writing message.
+  const rcpt_result* last(msg_handle h, uint32_t i) const {
+    return i < msgs_[h].last.size() ? &msgs_[h].last[i] : nullptr;
+  }
+  uint64_t arrival_us(msg_handle h) const { return msgs_[h].info.arrival_us; }
   // The recipient addresses of a job, in job order.
   std::vector<spool::rcpt_view> job_rcpts(const job& j) const;
 
@@ -197,6 +206,7 @@ class manager {
     uint32_t jobs_open = 0;      // jobs of the current round not ended yet
     std::vector<spool::rcpt_state> before;  // state at the round's start (what changed)
     std::vector<rcpt_result> last;          // per recipient: the round's results
+    std::vector<bool> local;                // per recipient: decided without a conversation
     uint64_t writing_token = 0;
     bool moving = false;  // the round's records start with a copy of the message record
   };

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "spool/scan.hh"
 #include "src/core/log.hh"
 
 namespace tern::server {
@@ -66,6 +67,7 @@ bool shard::init(std::string& err) {
   ro.need_multishot_recv = true;
   ro.tick_ms = tick_ms;
   ro.required_ops = {{IORING_OP_ACCEPT, "ACCEPT"}, {IORING_OP_RECV, "RECV"},   {IORING_OP_SEND, "SEND"},
+                     {IORING_OP_CONNECT, "CONNECT"}, {IORING_OP_READ, "READ"}, {IORING_OP_UNLINKAT, "UNLINKAT"},
                      {IORING_OP_WRITEV, "WRITEV"}, {IORING_OP_FSYNC, "FSYNC"}, {IORING_OP_CLOSE, "CLOSE"},
                      {IORING_OP_OPENAT, "OPENAT"}, {IORING_OP_FALLOCATE, "FALLOCATE"},
                      {IORING_OP_WRITE, "WRITE"},
@@ -102,6 +104,10 @@ bool shard::init(std::string& err) {
     err = "spool: " + err;
     return false;
   }
+  delivery_ = std::make_unique<delivery>(*rx_, cfg_, setup_.index, writer_);
+  if (!delivery_->init(std::move(setup_.recovered), setup_.kept_segments, err)) return false;
+  setup_.recovered.clear();
+  setup_.kept_segments.clear();
   return true;
 }
 
@@ -161,6 +167,9 @@ void shard::run_ready() {
 }
 
 void shard::flush() {
+  // Delivery first: the status/done records of rounds that ended in this iteration join
+  // the same group commit.
+  if (delivery_) delivery_->pump();
   // Group commit: everything that finished in this iteration goes out as one linked
   // writev + fdatasync, submitted with the loop's one io_uring_enter.
   writer_.flush(rx_->ring(), ud::make(owner::spool, 0, 0, 0), results_);
@@ -178,12 +187,13 @@ bool shard::keep_running() {
   // The spool's own I/O always finishes first: its SQEs point into session buffers and
   // close() truncates the segment. The deadline only gives up on sessions.
   if (writer_.io_pending()) return true;
-  if (slots_.free_count() == slots_.capacity() && writer_.idle()) return false;
+  if (slots_.free_count() == slots_.capacity() && writer_.idle() && (!delivery_ || delivery_->idle())) return false;
   return rx_->now_ms() < stop_deadline_ms_;
 }
 
 void shard::begin_stop() {
   stopping_ = true;
+  if (delivery_) delivery_->begin_stop();
   stop_deadline_ms_ = rx_->now_ms() + uint64_t(cfg_.limits.shutdown_timeout) * 1000;
   for (uint32_t li = 0; li < setup_.listen_fds.size(); ++li) {
     if (accept_armed_[li]) rx_->cancel(ud::make(owner::listener, op_accept, li, 0));  // it holds the socket
@@ -756,12 +766,24 @@ void shard::on_close(conn& c) {
 
 void shard::spool_results() {
   for (auto& r : results_) {
+    if (r.token & delivery::token_bit) {
+      if (delivery_)
+        delivery_->record_result(r.token, r.ok,
+                                 r.ok ? spool::segment_dir(cfg_.spool.dir) + "/" + spool::segment_name(r.segment_id, setup_.index)
+                                      : std::string(),
+                                 r.offset);
+      continue;
+    }
     uint32_t idx = static_cast<uint32_t>(r.token >> 32);
     uint32_t gen = static_cast<uint32_t>(r.token);
     conn* cp = slots_.find(idx, gen);
     if (!cp || !cp->in_spool) continue;
     conn& c = *cp;
     c.in_spool = false;
+    if (r.ok && delivery_)
+      delivery_->committed(c.sess.committed_record(), spool::segment_dir(cfg_.spool.dir) + "/" +
+                                                          spool::segment_name(r.segment_id, setup_.index),
+                           r.offset);
     if (r.ok)
       bump(ctr_.messages);
     else
@@ -782,6 +804,7 @@ void shard::spool_results() {
 
 void shard::tick() {
   writer_.tick(rx_->ring(), ud::make(owner::spool, 0, 0, 0));
+  if (delivery_) delivery_->tick();
   // The privileged session must make progress: one that has sent nothing for
   // privilege_stall_ms (a slow client holding every other DATA session of the shard)
   // goes back to waiting, and another waiter gets the privilege.

@@ -28,11 +28,13 @@
 #include "net/address.hh"
 #include "net/proxy.hh"
 #include "net/transport.hh"
+#include "spool/recovery.hh"
 #include "spool/writer.hh"
 #include "src/config/config.hh"
 #include "src/core/inbox.hh"
 #include "src/core/reactor.hh"
 #include "src/core/timer_wheel.hh"
+#include "src/server/delivery.hh"
 #include "src/smtp/session.hh"
 
 namespace tern::server {
@@ -71,6 +73,9 @@ struct shard_setup {
   std::vector<int> listen_fds;  // one per cfg->listen entry
   uint64_t epoch_floor_ms = 0;
   uint64_t segment_floor_id = 0;
+  // The recovered queue this shard delivers, and the segments it tracks for reclamation.
+  std::vector<spool::queued_message> recovered;
+  std::vector<std::string> kept_segments;
 };
 
 // A cross-thread request to a shard: run `fn(arg, shard)` on the shard's thread. The
@@ -101,6 +106,8 @@ class shard final : public smtp::session_host, private core::completion_handler,
   const shard_counters& counters() const noexcept { return ctr_; }
   // Heartbeat and loop counters (any thread); all zero before init.
   const core::reactor_counters* loop_counters() const noexcept { return rx_ ? &rx_->counters() : nullptr; }
+  // Delivery counters (shard thread only: the stop summary reads them after join).
+  const delivery* deliveries() const noexcept { return delivery_.get(); }
 
   // session_host
   void new_queue_id(char (&out)[smtp::queue_id_len + 1]) override;
@@ -196,6 +203,7 @@ class shard final : public smtp::session_host, private core::completion_handler,
   core::timer tick_timer_;
   spool::writer writer_;
   std::vector<spool::writer::result> results_;
+  std::unique_ptr<delivery> delivery_;
 
   shard_counters ctr_;
 };

@@ -104,6 +104,8 @@ class session {
     return msg_;
   }
   bool commit_pending() const noexcept { return state_ == state::commit_wait; }
+  // The record handed to the spool, while its commit is pending (delivery reads its id).
+  std::string_view committed_record() const noexcept { return msg_; }
   void commit_done(bool ok);
   // Bytes received but not yet processed (the shard pauses reading when this grows).
   size_t pending_input() const noexcept { return in_.size() - in_off_; }

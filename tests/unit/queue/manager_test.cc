@@ -230,6 +230,13 @@ TEST(Manager, OneJobPerDestinationAndTheRoundWaitsForAll) {
   EXPECT_TRUE(h.mgr.results()[0].finished);
 }
 
+TEST(Manager, NoDestinationAtAllLeavesMailUntouched) {
+  harness h("");
+  h.add("M1", {"a@elsewhere.example"});
+  EXPECT_EQ(h.load_due(0), 0) << "nothing is read or written while there is nowhere to send";
+  EXPECT_EQ(h.mgr.queued(), 1u);
+}
+
 TEST(Manager, NoRouteDefersWithAClearReason) {
   harness h("[[route]]\ndomains = [\"local.example\"]\nhost = \"10.0.0.1\"\ntls = \"none\"\n");
   h.add("M1", {"a@elsewhere.example"});

@@ -1,0 +1,860 @@
+#include "src/server/delivery.hh"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include "spool/scan.hh"
+#include "src/core/log.hh"
+
+namespace tern::server {
+namespace {
+using core::owner;
+using core::ud;
+using smtp::client_stage;
+
+// Bytes of content queued for the socket before produce() waits for sends to drain.
+constexpr size_t body_window = 256 * 1024;
+constexpr uint32_t max_loads = 64;  // reads of spool records in flight at once
+
+const char* state_word(spool::rcpt_state s) {
+  switch (s) {
+    case spool::rcpt_state::delivered: return "sent";
+    case spool::rcpt_state::failed: return "bounced";
+    default: return "deferred";
+  }
+}
+
+// postfix's delay format: two significant digits below 10 s, whole seconds above, no exponent.
+std::string pf_delay(double v) {
+  if (v < 0.005) return "0";
+  if (v < 10) return fmt::format("{:.2g}", v);
+  return fmt::format("{:.0f}", v);
+}
+
+std::string base_name(const std::string& p) {
+  auto s = p.rfind('/');
+  return s == std::string::npos ? p : p.substr(s + 1);
+}
+
+}  // namespace
+
+delivery::delivery(core::reactor& rx, const config::config& cfg, uint32_t shard, spool::writer& w)
+    : rx_(rx),
+      cfg_(cfg),
+      shard_(shard),
+      writer_(w),
+      routes_(cfg),
+      mgr_(routes_, [&] {
+        queue::manager::options o;
+        o.retry = queue::retry_policy::from(cfg.queue);
+        o.concurrency = cfg.queue.concurrency;
+        // A failed host is skipped for as long as a deferred message would wait: from the
+        // first retry interval, doubling, up to the last one.
+        o.host_backoff_ms = uint64_t(cfg.queue.retry_s.front()) * 1000;
+        o.host_backoff_max_ms = uint64_t(*std::max_element(cfg.queue.retry_s.begin(), cfg.queue.retry_s.end())) * 1000;
+        o.seed = uint64_t(shard + 1) * 0x9E3779B97F4A7C15ull ^ uint64_t(::time(nullptr));
+        return o;
+      }()) {}
+
+delivery::~delivery() {
+  for (uint32_t i = 0; i < conns_.capacity(); ++i)
+    if (conns_[i].fd >= 0) ::close(conns_[i].fd);
+  for (auto& [p, fd] : seg_fds_)
+    if (fd >= 0) ::close(fd);
+  if (dir_fd_ >= 0) ::close(dir_fd_);
+}
+
+bool delivery::init(std::vector<spool::queued_message> recovered, const std::vector<std::string>& kept,
+                    std::string& err) {
+  // One connection slot per destination's concurrency, at least 16, at most the inbound
+  // slots: bounded at start, never grown.
+  uint32_t n = std::clamp<uint32_t>(cfg_.queue.concurrency * std::max<uint32_t>(1, uint32_t(routes_.size())), 16,
+                                    std::max<uint32_t>(16, cfg_.limits.connections));
+  conns_.init(n);
+  for (uint32_t i = 0; i < n; ++i) conns_[i].idx = i;
+  loads_.init(max_loads);
+  idle_.reserve(n);
+  dir_fd_ = ::open(spool::segment_dir(cfg_.spool.dir).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd_ < 0) {
+    err = "delivery: cannot open " + spool::segment_dir(cfg_.spool.dir) + ": " + strerror(errno);
+    return false;
+  }
+  rx_.set_handler(owner::outbound, this);
+  // AUTH passwords: the first line of each auth_password_file, read once at start.
+  auto read_pw = [&](const config::next_hop& h) -> bool {
+    if (h.auth_password_file.empty() || password_cache_.count(h.auth_password_file)) return true;
+    std::ifstream in(h.auth_password_file);
+    std::string line;
+    if (!in || !std::getline(in, line)) {
+      err = "delivery: cannot read auth_password_file " + h.auth_password_file;
+      return false;
+    }
+    while (!line.empty() && (line.back() == '\r' || line.back() == '\n')) line.pop_back();
+    password_cache_[h.auth_password_file] = line;
+    return true;
+  };
+  for (const auto& h : cfg_.smarthosts)
+    if (!read_pw(h)) return false;
+  for (const auto& r : cfg_.routes)
+    if (!read_pw(r.hop)) return false;
+  for (const auto& k : kept) mgr_.track_segment(k);
+  for (auto& q : recovered) {
+    queue::message_info m;
+    m.id = std::move(q.id);
+    m.segment = std::move(q.segment);
+    m.offset = q.offset;
+    m.record_size = q.record_size;
+    m.arrival_us = q.arrival_us;
+    m.attempts = q.attempts;
+    m.next_attempt_us = q.next_attempt_us;
+    m.flags = q.flags;
+    if (!q.rcpts.empty()) {
+      m.state.reserve(q.rcpts.size());
+      for (auto& r : q.rcpts) m.state.push_back(r.state);
+    }
+    mgr_.add(std::move(m));
+  }
+  mgr_.set_current_segment(writer_.segment_path());
+  return true;
+}
+
+uint64_t delivery::now_us() const {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return uint64_t(ts.tv_sec) * 1000000 + uint64_t(ts.tv_nsec) / 1000;
+}
+
+void delivery::committed(std::string_view record, const std::string& segment, uint64_t offset) {
+  spool::record_view rv;
+  spool::message_view m;
+  auto data = std::span<const unsigned char>(reinterpret_cast<const unsigned char*>(record.data()), record.size());
+  if (spool::read_record(data, 0, rv) != spool::read_status::ok || !spool::decode_message(rv.payload, m)) {
+    log::error("delivery: a committed record does not decode; it stays in {} at {} for the next start", segment,
+               offset);
+    return;
+  }
+  queue::message_info info;
+  info.id = std::string(m.id);
+  info.segment = segment;
+  info.offset = offset;
+  info.record_size = rv.size;
+  info.arrival_us = m.arrival_us;
+  mgr_.add(std::move(info));
+}
+
+void delivery::record_result(uint64_t token, bool ok, const std::string& segment, uint64_t offset) {
+  uint64_t t = token & ~(token_bit | first_piece | last_piece);
+  if (token & first_piece) first_[t] = piece{ok, segment, offset};
+  auto it = first_.find(t);
+  if (it == first_.end()) return;  // not ours (cannot happen: every round has a first piece)
+  it->second.ok = it->second.ok && ok;
+  if (!(token & last_piece)) return;
+  piece p = std::move(it->second);
+  first_.erase(it);
+  mgr_.record_durable(t, p.ok, now_us(), p.segment, p.offset);
+}
+
+// --- the loop ---------------------------------------------------------------------------
+
+void delivery::pump() {
+  uint64_t now = now_us();
+  mgr_.set_current_segment(writer_.segment_path());
+  if (!stopping_) {
+    queue::load_request req;
+    while (loads_.free_count() > 0 && mgr_.next_load(now, req)) start_load(req);
+    // Established connections waiting for work get it first.
+    for (size_t i = 0; i < idle_.size();) {
+      oconn& c = conns_[idle_[i]];
+      if (c.ph == phase::live && !c.job && c.cl.stage() == client_stage::idle) {
+        auto j = mgr_.take_job(c.dest);
+        if (j) {
+          idle_[i] = idle_.back();
+          idle_.pop_back();
+          c.job = std::move(j);
+          drive(c);
+          continue;
+        }
+      }
+      ++i;
+    }
+    queue::connect_request cr;
+    while (conns_.free_count() > 0 && mgr_.next_connect(rx_.now_ms(), now, cr)) open_connection(cr);
+  }
+  log_results();
+  write_records();
+  remove_segments();
+}
+
+void delivery::tick() {
+  uint64_t now = rx_.now_ms();
+  // Idle connections past queue.connection_idle say QUIT.
+  for (size_t i = 0; i < idle_.size();) {
+    oconn& c = conns_[idle_[i]];
+    if (c.ph != phase::live || c.job || c.cl.stage() != client_stage::idle) {
+      idle_[i] = idle_.back();
+      idle_.pop_back();
+      continue;
+    }
+    if (stopping_ || now - c.idle_since_ms >= uint64_t(cfg_.queue.connection_idle_s) * 1000) {
+      idle_[i] = idle_.back();
+      idle_.pop_back();
+      c.cl.quit();
+      drive(c);
+      continue;
+    }
+    ++i;
+  }
+}
+
+void delivery::begin_stop() {
+  stopping_ = true;
+  for (uint32_t i = 0; i < conns_.capacity(); ++i) {
+    if (!conns_.used(i)) continue;
+    oconn& c = conns_[i];
+    if (c.ph == phase::live && !c.job) {
+      c.cl.quit();
+      drive(c);
+    } else if (c.ph == phase::connecting) {
+      fail_connection(c, "4.3.2", "ternd is stopping");
+    }
+  }
+  idle_.clear();
+}
+
+bool delivery::idle() const {
+  // Connections, reads and the spool records of finished rounds. A connection in the middle
+  // of a message is given the shard's shutdown deadline like an inbound session.
+  return conns_.in_use() == 0 && loads_.in_use() == 0 && !unlink_inflight_;
+}
+
+void delivery::write_records() {
+  // A round's records (a forward copy, a status record, a done record) come as one string;
+  // the writer takes one record per append (it sets each record's nonce), so they are
+  // appended one by one, in order. The first piece's result says where a forward copy
+  // landed; the last piece's result ends the round.
+  queue::record_out r;
+  while (mgr_.next_record(r)) {
+    const std::string& b = *r.bytes;
+    auto data = std::span<const unsigned char>(reinterpret_cast<const unsigned char*>(b.data()), b.size());
+    size_t off = 0;
+    while (off < b.size()) {
+      spool::record_view rv;
+      if (spool::read_record(data, off, rv) != spool::read_status::ok) {
+        log::error("delivery: internal error: a round's records do not parse at {}", off);
+        break;
+      }
+      uint64_t t = token_bit | r.token;
+      if (off == 0) t |= first_piece;
+      if (off + rv.size == b.size()) t |= last_piece;
+      writer_.append(b.data() + off, rv.size, t);
+      off += rv.size;
+    }
+  }
+}
+
+void delivery::remove_segments() {
+  if (unlink_inflight_) return;
+  std::string path;
+  if (!mgr_.next_removal(path)) return;
+  if (auto it = seg_fds_.find(path); it != seg_fds_.end()) {
+    auto* s = rx_.get_sqe();
+    io_uring_prep_close(s, it->second);
+    io_uring_sqe_set_data64(s, ud::ignore);
+    seg_fds_.erase(it);
+  }
+  unlinking_ = base_name(path);
+  unlink_inflight_ = true;
+  // Unlink, then sync the directory: the next removal starts only after this one is
+  // durable, so a power cut keeps a prefix of the oldest-first order.
+  auto* u = rx_.get_sqe();
+  io_uring_prep_unlinkat(u, dir_fd_, unlinking_.c_str(), 0);
+  io_uring_sqe_set_data64(u, ud::make(owner::outbound, op_unlink, 0, 0));
+}
+
+void delivery::log_results() {
+  auto& rs = mgr_.results();
+  uint64_t now = now_us();
+  for (auto& r : rs) {
+    if (!r.decided_here.empty()) {
+      std::vector<std::string_view> addrs;
+      spool::for_each_rcpt(mgr_.view(r.msg), [&](const spool::rcpt_view& v) { addrs.push_back(v.addr); });
+      uint64_t arr = mgr_.arrival_us(r.msg);
+      std::string delay = pf_delay(arr && now > arr ? double(now - arr) / 1e6 : 0.0);
+      for (uint32_t i : r.decided_here) {
+        const queue::rcpt_result* lr = mgr_.last(r.msg, i);
+        if (!lr) continue;
+        if (lr->state == spool::rcpt_state::failed)
+          ++ctr_.bounced;
+        else
+          ++ctr_.deferred;
+        log::info("{}: to=<{}>, relay=none, delay={}, delays={}/0/0/0, dsn={}, status={} ({})", r.id,
+                  i < addrs.size() ? addrs[i] : std::string_view("?"), delay, delay, lr->dsn, state_word(lr->state),
+                  lr->text);
+      }
+    }
+    if (r.finished) log::info("{}: removed", r.id);
+  }
+  // Bounces (DSN) for r.failed_now are generated by the delivery status notification
+  // work (docs/architecture.md, "Delivery"); until then the failure is in the log line.
+  rs.clear();
+}
+
+// --- loads: reading a record back from its segment ----------------------------------------
+
+void delivery::start_load(const queue::load_request& req) {
+  uint32_t li = 0;
+  load* l = loads_.acquire(li);
+  if (!l) return;  // checked by the caller
+  l->msg = req.msg;
+  l->path = req.segment;
+  l->offset = req.offset;
+  l->size = req.size;
+  l->done = 0;
+  ++ctr_.loads;
+  mgr_.buffer(req.msg).resize(req.size);
+  if (auto it = seg_fds_.find(req.segment); it != seg_fds_.end()) {
+    l->fd = it->second;
+    read_more(li);
+    return;
+  }
+  l->fd = -1;
+  auto* s = rx_.get_sqe();
+  io_uring_prep_openat(s, AT_FDCWD, l->path.c_str(), O_RDONLY | O_CLOEXEC, 0);
+  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_open, li, l->gen));
+}
+
+void delivery::on_open(uint32_t li, int res) {
+  load& l = loads_[li];
+  if (res < 0) return end_load(li, false, std::string("open ") + l.path + ": " + strerror(-res));
+  // Another load may have opened the same segment meanwhile: keep one fd.
+  auto [it, fresh] = seg_fds_.try_emplace(l.path, res);
+  if (!fresh) ::close(res);
+  l.fd = it->second;
+  read_more(li);
+}
+
+void delivery::read_more(uint32_t li) {
+  load& l = loads_[li];
+  std::string& buf = mgr_.buffer(l.msg);
+  auto* s = rx_.get_sqe();
+  unsigned want = static_cast<unsigned>(std::min<uint64_t>(l.size - l.done, 1u << 30));
+  io_uring_prep_read(s, l.fd, buf.data() + l.done, want, l.offset + l.done);
+  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_read, li, l.gen));
+}
+
+void delivery::on_read(uint32_t li, int res) {
+  load& l = loads_[li];
+  if (res < 0) return end_load(li, false, std::string("read ") + l.path + ": " + strerror(-res));
+  if (res == 0) return end_load(li, false, "read " + l.path + ": the record ends early (segment shorter than expected)");
+  l.done += static_cast<uint64_t>(res);
+  if (l.done < l.size) return read_more(li);
+  end_load(li, true, "");
+}
+
+void delivery::end_load(uint32_t li, bool ok, const std::string& err) {
+  load& l = loads_[li];
+  if (!ok) {
+    ++ctr_.load_failures;
+    log::error("{}: cannot read its spool record: {}", mgr_.id_of(l.msg), err);
+  }
+  mgr_.loaded(l.msg, ok, err, now_us());
+  loads_.release(li);
+}
+
+// --- connections ---------------------------------------------------------------------------
+
+smtp::client_config delivery::client_config_for(const config::next_hop& hop) const {
+  smtp::client_config cc;
+  cc.helo_name = hop.helo_name.empty() ? cfg_.hostname : hop.helo_name;
+  cc.protocol = hop.protocol == config::next_hop_protocol::lmtp ? smtp::client_protocol::lmtp
+                                                                : smtp::client_protocol::smtp;
+  switch (hop.tls) {
+    case config::tls_policy::none: cc.tls = smtp::tls_policy::none; break;
+    case config::tls_policy::may: cc.tls = smtp::tls_policy::may; break;
+    case config::tls_policy::encrypt: cc.tls = smtp::tls_policy::encrypt; break;
+    case config::tls_policy::verify: cc.tls = smtp::tls_policy::verify; break;
+  }
+  // TLS on outbound connections comes with the tls/ transport; without it a policy of
+  // encrypt/verify defers (the client never sends mail in clear when TLS is required).
+  cc.tls_available = false;
+  if (!hop.auth_user.empty()) {
+    cc.auth_user = hop.auth_user;
+    auto it = password_cache_.find(hop.auth_password_file);
+    if (it != password_cache_.end()) cc.auth_password = it->second;
+  }
+  return cc;
+}
+
+void delivery::open_connection(const queue::connect_request& req) {
+  const config::next_hop& hop = *req.hop;
+  std::string why;
+  net::address a;
+  if (!hop.host_is_ip) {
+    // Names need the resolver (src/dns): not wired into the shard yet.
+    mgr_.connect_failed(req.dest, req.host, "4.4.3",
+                        "cannot resolve " + hop.host + ": name resolution is not available in this build",
+                        rx_.now_ms(), now_us());
+    ++ctr_.connect_failures;
+    return;
+  }
+  auto parsed = net::address::from_ip(hop.host, hop.port);
+  if (!parsed) {
+    mgr_.connect_failed(req.dest, req.host, "4.4.1", "bad address " + hop.host, rx_.now_ms(), now_us());
+    return;
+  }
+  a = *parsed;
+  int fd = ::socket(a.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    mgr_.connect_failed(req.dest, req.host, "4.3.0", std::string("socket: ") + strerror(errno), rx_.now_ms(),
+                        now_us());
+    return;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (!hop.source_address.empty()) {
+    auto src = net::address::from_ip(hop.source_address, 0);
+    if (!src || src->family() != a.family() ||
+        ::bind(fd, reinterpret_cast<const sockaddr*>(&src->ss), src->len) != 0) {
+      std::string e = src && src->family() != a.family() ? "address family differs" : strerror(errno);
+      ::close(fd);
+      mgr_.connect_failed(req.dest, req.host, "4.3.0", "bind to source_address " + hop.source_address + ": " + e,
+                          rx_.now_ms(), now_us());
+      return;
+    }
+  }
+  uint32_t idx = 0;
+  oconn* cp = conns_.acquire(idx);
+  if (!cp) {  // checked by the caller
+    ::close(fd);
+    return;
+  }
+  oconn& c = *cp;
+  c.fd = fd;
+  c.ph = phase::connecting;
+  c.dest = req.dest;
+  c.host = req.host;
+  c.hop = &hop;
+  c.addr = a;
+  c.relay = hop.host + "[" + a.ip() + "]:" + std::to_string(hop.port);
+  c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = false;
+  c.connect_inflight = true;
+  c.tp = &net::plain_transport::instance();
+  c.app_out.clear();
+  c.tx.clear();
+  c.tx_off = 0;
+  c.job.reset();
+  c.job_sent = false;
+  c.rcpts.clear();
+  c.start_ms = c.ready_ms = rx_.now_ms();
+  c.jobs = 0;
+  c.cl.reset(client_config_for(hop));
+  c.tmr.data = ud::make(owner::outbound, 0, idx, c.gen);
+  c.deadline_ms = c.start_ms + uint64_t(cfg_.queue.connect_timeout_s) * 1000;
+  rx_.timers().arm(c.tmr, c.deadline_ms);
+  ++ctr_.connections;
+  auto* s = rx_.get_sqe();
+  io_uring_prep_connect(s, fd, reinterpret_cast<const sockaddr*>(&c.addr.ss), c.addr.len);
+  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_connect, idx, c.gen));
+}
+
+void delivery::on_completion(const io_uring_cqe& cqe) {
+  const uint64_t d = cqe.user_data;
+  const unsigned o = ud::op(d);
+  if (o == op_open || o == op_read) {
+    if (!loads_.find(ud::index(d), ud::gen(d))) return;
+    if (o == op_open)
+      on_open(ud::index(d), cqe.res);
+    else
+      on_read(ud::index(d), cqe.res);
+    return;
+  }
+  if (o == op_unlink) {
+    if (cqe.res < 0 && cqe.res != -ENOENT) {
+      log::error("spool: cannot remove segment {}: {}", unlinking_, strerror(-cqe.res));
+      unlink_inflight_ = false;
+      mgr_.segment_removed(spool::segment_dir(cfg_.spool.dir) + "/" + unlinking_, false);
+      return;
+    }
+    auto* s = rx_.get_sqe();
+    io_uring_prep_fsync(s, dir_fd_, 0);
+    io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_dirsync, 0, 0));
+    return;
+  }
+  if (o == op_dirsync) {
+    unlink_inflight_ = false;
+    bool ok = cqe.res >= 0;
+    if (ok) {
+      ++ctr_.segments_removed;
+      log::info("spool: segment {} removed: every message in it is done", unlinking_);
+    } else {
+      log::error("spool: fsync of the segment directory after removing {}: {}", unlinking_, strerror(-cqe.res));
+    }
+    mgr_.segment_removed(spool::segment_dir(cfg_.spool.dir) + "/" + unlinking_, ok);
+    return;
+  }
+  oconn* c = conns_.find(ud::index(d), ud::gen(d));
+  if (!c || c->ph == phase::free) {
+    if (int bid = core::buffer_ring::id_of(cqe); bid >= 0) rx_.buffers().recycle(static_cast<uint16_t>(bid));
+    return;
+  }
+  switch (o) {
+    case op_connect: on_connect(*c, cqe.res); return;
+    case op_recv: on_recv(*c, cqe); return;
+    case op_send: on_send(*c, cqe.res); return;
+    case op_close:
+      c->fd = -1;
+      maybe_release(*c);
+      return;
+    default: return;
+  }
+}
+
+void delivery::on_connect(oconn& c, int res) {
+  c.connect_inflight = false;
+  if (c.ph == phase::closing) return maybe_release(c);
+  if (res < 0) {
+    fail_connection(c, "4.4.1", "connect to " + c.relay + ": " + strerror(-res));
+    return;
+  }
+  c.ph = phase::live;
+  auto* s = rx_.get_sqe();
+  io_uring_prep_recv_multishot(s, c.fd, nullptr, 0, 0);
+  s->flags |= IOSQE_BUFFER_SELECT;
+  s->buf_group = rx_.buffers().group();
+  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_recv, c.idx, c.gen));
+  c.recv_armed = true;
+  c.cl.connected();
+  drive(c);
+}
+
+void delivery::on_recv(oconn& c, const io_uring_cqe& cqe) {
+  if (!(cqe.flags & IORING_CQE_F_MORE)) c.recv_armed = false;
+  int res = cqe.res;
+  if (res > 0) {
+    int bid = core::buffer_ring::id_of(cqe);
+    if (bid >= 0) {
+      char* b = rx_.buffers().buffer(static_cast<uint16_t>(bid));
+      if (c.ph == phase::live &&
+          c.tp->on_recv(b, static_cast<size_t>(res), c, c.tx) != net::transport_status::ok) {
+        rx_.buffers().recycle(static_cast<uint16_t>(bid));
+        c.cl.lost();
+        drive(c);
+        return;
+      }
+      rx_.buffers().recycle(static_cast<uint16_t>(bid));
+    }
+    if (c.ph == phase::live) drive(c);
+  } else if (res == -ENOBUFS) {
+    // flow control: re-armed below
+  } else if (res != -ECANCELED) {
+    if (c.ph == phase::live) {
+      c.cl.lost();  // EOF or a socket error
+      drive(c);
+    }
+  }
+  if (!c.recv_armed) {
+    if (c.ph == phase::live) {
+      auto* s = rx_.get_sqe();
+      io_uring_prep_recv_multishot(s, c.fd, nullptr, 0, 0);
+      s->flags |= IOSQE_BUFFER_SELECT;
+      s->buf_group = rx_.buffers().group();
+      io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_recv, c.idx, c.gen));
+      c.recv_armed = true;
+    } else {
+      maybe_release(c);
+    }
+  }
+}
+
+void delivery::on_send(oconn& c, int res) {
+  c.send_inflight = false;
+  if (res < 0) {
+    c.tx.clear();
+    c.tx_off = 0;
+    if (c.ph == phase::live) {
+      c.cl.lost();
+      drive(c);
+    } else {
+      maybe_release(c);
+    }
+    return;
+  }
+  c.tx_off += static_cast<size_t>(res);
+  if (c.tx_off >= c.tx.size()) {
+    c.tx.clear();
+    c.tx_off = 0;
+  }
+  if (c.ph == phase::live) {
+    drive(c);
+  } else {
+    if (c.tx_off < c.tx.size()) return send_tx(c);  // closing: the QUIT or the last bytes
+    maybe_release(c);
+  }
+}
+
+void delivery::send_tx(oconn& c) {
+  if (c.send_inflight || c.tx_off >= c.tx.size() || c.fd < 0) return;
+  auto* s = rx_.get_sqe();
+  io_uring_prep_send(s, c.fd, c.tx.data() + c.tx_off, c.tx.size() - c.tx_off, MSG_NOSIGNAL);
+  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_send, c.idx, c.gen));
+  c.send_inflight = true;
+}
+
+// Run the client as far as it goes: output to the socket, content pulled under the send
+// window, jobs in and results out, timers for the stage it waits in.
+void delivery::drive(oconn& c) {
+  for (int guard = 0; guard < 64; ++guard) {
+    if (c.cl.has_output()) {
+      if (!c.send_inflight && c.tx_off >= c.tx.size()) {
+        c.tx.clear();
+        c.tx_off = 0;
+      }
+      c.cl.take_output(c.app_out);
+      if (c.tp->on_send(c.app_out, c.tx) != net::transport_status::ok) {
+        c.cl.lost();
+        continue;
+      }
+    }
+    client_stage st = c.cl.stage();
+    if (st == client_stage::tls_handshake) {
+      c.cl.tls_done(false);  // no TLS transport here yet (tls_available is false)
+      continue;
+    }
+    if (st == client_stage::body) {
+      size_t pending = c.tx.size() - c.tx_off;
+      if (pending < body_window && c.cl.produce(body_window - pending) > 0) continue;
+      break;
+    }
+    if (st == client_stage::idle) {
+      // has_results() stays true until the next send(): only a job that was sent owns them.
+      if (c.job && c.job_sent && c.cl.has_results()) finish_job(c);
+      if (!c.established) {
+        c.established = true;
+        c.ready_ms = rx_.now_ms();
+        mgr_.connected(c.dest, c.host);
+      }
+      if (!c.job && !stopping_ && c.cl.messages() < cfg_.queue.messages_per_connection)
+        c.job = mgr_.take_job(c.dest);
+      if (c.job) {
+        c.rcpts = mgr_.job_rcpts(*c.job);
+        c.job_ms = rx_.now_ms();
+        if (!c.cl.send(smtp::message_of(mgr_.view(c.job->msg), c.rcpts))) {
+          // Nothing to send (no recipients): the job ends as it is.
+          std::vector<queue::rcpt_result> none;
+          mgr_.job_done(std::move(c.job), none, now_us());
+          continue;
+        }
+        c.job_sent = true;
+        continue;
+      }
+      if (stopping_ || c.cl.messages() >= cfg_.queue.messages_per_connection || cfg_.queue.connection_idle_s == 0) {
+        c.cl.quit();
+        continue;
+      }
+      // Kept for the next job to this destination (pump() hands it out); tick() closes it.
+      c.idle_since_ms = rx_.now_ms();
+      if (std::find(idle_.begin(), idle_.end(), c.idx) == idle_.end()) idle_.push_back(c.idx);
+      break;
+    }
+    if (st == client_stage::done) {
+      if (c.job && c.job_sent && c.cl.has_results()) {
+        finish_job(c);
+      } else if (c.job) {
+        c.job_sent = false;
+        mgr_.job_requeue(std::move(c.job));  // never given to the server: another connection takes it
+      }
+      if (!c.established) {
+        const auto& f = c.cl.failure();
+        std::string why = f.code ? "host " + c.relay + " said: " + std::to_string(f.code) + " " + f.text +
+                                       " (in reply to " + smtp::command_name(f.cmd) + " command)"
+                                 : "host " + c.relay + ": " + f.text;
+        const char* dsn = f.status[0] ? f.status : "4.4.2";
+        ++ctr_.connect_failures;
+        mgr_.connect_failed(c.dest, c.host, dsn, why, rx_.now_ms(), now_us());
+        c.established = true;  // reported: begin_close must not report it again
+        c.ph = phase::closing;
+        send_tx(c);
+        begin_close(c);
+        return;
+      }
+      mgr_.disconnected(c.dest);
+      c.ph = phase::closing;
+      send_tx(c);
+      begin_close(c);
+      return;
+    }
+    break;
+  }
+  send_tx(c);
+  arm_stage_timer(c);
+}
+
+void delivery::finish_job(oconn& c) {
+  auto res = c.cl.results();
+  std::vector<queue::rcpt_result> out(c.job->rcpts.size());
+  uint64_t now = rx_.now_ms();
+  const spool::message_view& m = mgr_.view(c.job->msg);
+  double delay = m.arrival_us ? double(now_us() - std::min(now_us(), m.arrival_us)) / 1e6 : 0.0;
+  // Connection set-up counts for the first message of a connection only (postfix's c).
+  double conn_s = c.jobs == 0 ? double(c.ready_ms - c.start_ms) / 1000.0 : 0.0;
+  ++c.jobs;
+  double xfer_s = double(now - std::max(c.job_ms, c.ready_ms)) / 1000.0;
+  for (size_t k = 0; k < out.size(); ++k) {
+    auto& o = out[k];
+    if (k >= res.size()) {
+      o = {spool::rcpt_state::deferred, "4.3.0", "no result for this recipient"};
+      continue;
+    }
+    const auto& r = res[k];
+    switch (r.status) {
+      case smtp::rcpt_status::delivered: o.state = spool::rcpt_state::delivered; break;
+      case smtp::rcpt_status::failed: o.state = spool::rcpt_state::failed; break;
+      default: o.state = spool::rcpt_state::deferred; break;
+    }
+    o.dsn = r.reply.status[0] ? r.reply.status : (o.state == spool::rcpt_state::delivered ? "2.0.0" : "4.0.0");
+    if (r.reply.code)
+      o.text = (o.state == spool::rcpt_state::delivered ? "" : "host " + c.relay + " said: ") +
+               std::to_string(r.reply.code) + " " + r.reply.text +
+               (o.state == spool::rcpt_state::delivered ? ""
+                                                        : std::string(" (in reply to ") +
+                                                              smtp::command_name(r.reply.cmd) + " command)");
+    else
+      o.text = r.reply.text;
+    switch (o.state) {
+      case spool::rcpt_state::delivered: ++ctr_.delivered; break;
+      case spool::rcpt_state::failed: ++ctr_.bounced; break;
+      default: ++ctr_.deferred; break;
+    }
+    // postfix: "ID: to=<a@b>, relay=host[ip]:port, delay=1.2, delays=a/b/c/d, dsn=2.0.0, status=sent (250 ...)"
+    double queued_s = std::max(0.0, delay - conn_s - xfer_s);
+    log::info("{}: to=<{}>, relay={}, delay={}, delays={}/0/{}/{}, dsn={}, status={} ({})", mgr_.id_of(c.job->msg),
+              k < c.rcpts.size() ? c.rcpts[k].addr : std::string_view("?"), c.relay, pf_delay(delay),
+              pf_delay(queued_s), pf_delay(conn_s), pf_delay(xfer_s), o.dsn, state_word(o.state), o.text);
+  }
+  ++ctr_.messages_sent;
+  c.job_sent = false;
+  mgr_.job_done(std::move(c.job), out, now_us());
+  c.rcpts.clear();
+}
+
+uint64_t delivery::stage_timeout_ms(client_stage s) const {
+  const auto& q = cfg_.queue;
+  uint32_t sec = 300;
+  switch (s) {
+    case client_stage::connect: sec = q.connect_timeout_s; break;
+    case client_stage::greeting: sec = q.greeting_timeout_s; break;
+    case client_stage::ehlo:
+    case client_stage::helo:
+    case client_stage::auth: sec = q.helo_timeout_s; break;
+    case client_stage::starttls:
+    case client_stage::tls_handshake: sec = q.starttls_timeout_s; break;
+    case client_stage::mail:
+    case client_stage::rset: sec = q.mail_timeout_s; break;
+    case client_stage::rcpt: sec = q.rcpt_timeout_s; break;
+    case client_stage::data_init: sec = q.data_init_timeout_s; break;
+    case client_stage::body: sec = q.data_xfer_timeout_s; break;
+    case client_stage::data_done: sec = q.data_done_timeout_s; break;
+    case client_stage::quit: sec = q.quit_timeout_s; break;
+    case client_stage::idle:
+    case client_stage::done: return 0;
+  }
+  return uint64_t(sec) * 1000;
+}
+
+void delivery::arm_stage_timer(oconn& c) {
+  uint64_t t = stage_timeout_ms(c.cl.stage());
+  if (t == 0) {
+    if (c.tmr.armed()) rx_.timers().cancel(c.tmr);
+    return;
+  }
+  // Re-armed at every event: the timeout is for progress in the stage, as postfix's
+  // smtp_*_timeout are per read/write.
+  c.deadline_ms = rx_.now_ms() + t;
+  rx_.timers().arm(c.tmr, c.deadline_ms);
+}
+
+void delivery::on_timer(core::timer& t) {
+  oconn* cp = conns_.find(ud::index(t.data), ud::gen(t.data));
+  if (!cp) return;
+  oconn& c = *cp;
+  if (c.ph == phase::connecting) {
+    fail_connection(c, "4.4.1", "connect to " + c.relay + ": Connection timed out");
+    return;
+  }
+  if (c.ph == phase::closing) {
+    // A close that does not drain (a send stuck on a dead peer): cancel everything.
+    if (!c.cancel_sent && c.fd >= 0) {
+      rx_.cancel_fd(c.fd);
+      c.cancel_sent = true;
+    }
+    return;
+  }
+  if (c.ph == phase::live) {
+    c.cl.timeout();
+    drive(c);
+  }
+}
+
+void delivery::fail_connection(oconn& c, const char* dsn, const std::string& why) {
+  ++ctr_.connect_failures;
+  if (c.job) {
+    c.job_sent = false;
+    mgr_.job_requeue(std::move(c.job));
+    c.rcpts.clear();
+  }
+  if (!c.established) {
+    c.established = true;
+    mgr_.connect_failed(c.dest, c.host, dsn, why, rx_.now_ms(), now_us());
+  } else {
+    mgr_.disconnected(c.dest);
+  }
+  c.ph = phase::closing;
+  begin_close(c);
+}
+
+void delivery::begin_close(oconn& c) {
+  c.ph = phase::closing;
+  if (c.fd >= 0 && (c.recv_armed || c.connect_inflight)) {
+    rx_.cancel_fd(c.fd);
+    c.cancel_sent = true;
+  }
+  // A last send (QUIT) may still be in flight; the timer bounds how long we wait for it.
+  if (c.send_inflight) {
+    c.deadline_ms = rx_.now_ms() + uint64_t(cfg_.queue.quit_timeout_s) * 1000;
+    rx_.timers().arm(c.tmr, c.deadline_ms);
+  }
+  maybe_release(c);
+}
+
+void delivery::maybe_release(oconn& c) {
+  if (c.ph != phase::closing) return;
+  if (c.recv_armed || c.send_inflight || c.connect_inflight) return;
+  if (c.fd >= 0) {
+    if (c.close_sent) return;
+    c.close_sent = true;
+    auto* s = rx_.get_sqe();
+    io_uring_prep_close(s, c.fd);
+    io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_close, c.idx, c.gen));
+    return;
+  }
+  if (c.tmr.armed()) rx_.timers().cancel(c.tmr);
+  if (c.job) mgr_.job_requeue(std::move(c.job));
+  c.job_sent = false;
+  c.ph = phase::free;
+  c.tx.clear();
+  c.app_out.clear();
+  c.rcpts.clear();
+  if (c.tx.capacity() > cfg_.tuning.buffer_keep) std::string().swap(c.tx);
+  conns_.release(c.idx);
+}
+
+}  // namespace tern::server

@@ -1,0 +1,309 @@
+"""Delivery: ternd relays what it accepted to its next hop, a real peer from Debian
+(postfix's smtp-sink) or a scripted server where a peer must misbehave on purpose.
+Retries, fail-over between smarthosts, per-recipient results, state across restarts,
+TLS policy without STARTTLS, and spool reclamation."""
+import glob
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+
+
+class Sink:
+    """postfix's smtp-sink on a loopback port, dumping every transaction to a file."""
+
+    def __init__(self, tmp, port=None, extra=()):
+        self.port = port or free_port()
+        # smtp-sink drops to "nobody": its dump directory must be reachable for that user
+        # (pytest's tmp_path is not), so it gets one of its own under /tmp.
+        self.dir = Path(tempfile.mkdtemp(prefix="tern-sink-"))
+        os.chmod(self.dir, 0o777)
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", "-d", str(self.dir) + "/%H%M%S.", *extra, f"127.0.0.1:{self.port}", "100"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("smtp-sink did not start")
+
+    def messages(self):
+        out = []
+        for f in sorted(glob.glob(str(self.dir / "*"))):
+            with open(f, "rb") as fh:
+                out.append(fh.read())
+        return out
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    made = []
+
+    def make(**kw):
+        s = Sink(tmp_path, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def smarthost(port, **kw):
+    lines = ["[[smarthost]]", 'host = "127.0.0.1"', f"port = {port}", f'tls = "{kw.pop("tls", "none")}"']
+    for k, v in kw.items():
+        lines.append(f"{k} = {v if isinstance(v, int) else chr(34) + v + chr(34)}")
+    return "\n".join(lines) + "\n"
+
+
+def queue_cfg(retry='["1s"]', **kw):
+    lines = ["[queue]", f"retry = {retry}", "jitter = 0"]
+    lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in kw.items()]
+    return "\n".join(lines) + "\n"
+
+
+def send(port, rcpts, subject="test", body="hello\r\n", sender="sender@origin.test"):
+    m = EmailMessage()
+    m["From"] = sender
+    m["To"] = ", ".join(rcpts)
+    m["Subject"] = subject
+    m["Message-ID"] = f"<{subject}@origin.test>"
+    m.set_content(body)
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.send_message(m, from_addr=sender, to_addrs=rcpts)
+
+
+def wait_for(pred, timeout=15, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
+def test_relays_to_the_smarthost_and_empties_the_queue(ternd_factory, sinks):
+    sink = sinks()
+    t = ternd_factory(extra=smarthost(sink.port) + queue_cfg()).start()
+    for i in range(5):
+        send(t.port, [f"user{i}@example.com", f"other{i}@example.net"], subject=f"relay-{i}")
+    assert wait_for(lambda: len(sink.messages()) == 5), t.log()
+    assert wait_for(lambda: t.spool_list() == []), t.spool_list()
+    got = b"".join(sink.messages())
+    for i in range(5):
+        assert f"relay-{i}@origin.test".encode() in got
+        assert f"user{i}@example.com".encode() in got
+    log = t.log()
+    assert log.count("status=sent (250") == 10, log
+    assert log.count(": removed") == 5
+    # postfix's format: to, relay, delay, delays, dsn, status
+    line = next(l for l in log.splitlines() if "status=sent" in l)
+    assert f"relay=127.0.0.1[127.0.0.1]:{sink.port}, delay=" in line and ", delays=" in line and ", dsn=2.0.0," in line
+
+
+def test_deferred_while_the_smarthost_is_down_then_delivered(ternd_factory, sinks):
+    port = free_port()
+    t = ternd_factory(extra=smarthost(port) + queue_cfg()).start()
+    send(t.port, ["a@example.com"], subject="later")
+    assert t.wait_log("status=deferred (connect to 127.0.0.1[127.0.0.1]")
+    q = wait_for(lambda: [m for m in t.spool_list() if m["attempts"] >= 1])
+    assert q and q[0]["recipient_state"][0]["state"] == "deferred", t.spool_list()
+    assert q[0]["recipient_state"][0]["dsn"] == "4.4.1"
+    sink = sinks(port=port)
+    assert wait_for(lambda: len(sink.messages()) == 1, timeout=20), t.log()
+    assert wait_for(lambda: t.spool_list() == [])
+
+
+def test_second_smarthost_takes_the_mail_at_once(ternd_factory, sinks):
+    dead = free_port()
+    sink = sinks()
+    # A retry interval of an hour: only an immediate fail-over can deliver in time.
+    extra = smarthost(dead, priority=0) + smarthost(sink.port, priority=10) + queue_cfg(retry='["1h"]')
+    t = ternd_factory(extra=extra).start()
+    send(t.port, ["a@example.com"], subject="failover")
+    assert wait_for(lambda: len(sink.messages()) == 1, timeout=5), t.log()
+    assert "status=sent" in t.log()
+
+
+def test_permanent_refusal_fails_the_recipient_and_ends_the_message(ternd_factory, sinks):
+    sink = sinks(extra=("-f", "RCPT"))
+    t = ternd_factory(extra=smarthost(sink.port) + queue_cfg()).start()
+    send(t.port, ["nobody@example.com"], subject="refused")
+    assert t.wait_log("status=bounced (host 127.0.0.1[127.0.0.1]:", timeout=10), t.log()
+    assert "(in reply to RCPT TO command)" in t.log()
+    assert wait_for(lambda: t.spool_list() == [])
+    assert sink.messages() == [] or all(b"refused@origin.test" not in m for m in sink.messages())
+
+
+def test_temporary_refusal_is_retried(ternd_factory, sinks):
+    sink = sinks(extra=("-r", "RCPT"))
+    t = ternd_factory(extra=smarthost(sink.port) + queue_cfg(retry='["1s"]')).start()
+    send(t.port, ["busy@example.com"], subject="busy")
+    assert wait_for(lambda: t.log().count("status=deferred (host 127.0.0.1") >= 2, timeout=10), t.log()
+    q = t.spool_list()
+    assert len(q) == 1 and q[0]["attempts"] >= 2
+
+
+def test_state_survives_a_restart(ternd_factory, sinks):
+    port = free_port()
+    extra = smarthost(port) + queue_cfg(retry='["1h"]')
+    t = ternd_factory(extra=extra).start()
+    send(t.port, ["a@example.com", "b@example.com"], subject="restart")
+    assert wait_for(lambda: t.spool_list() and t.spool_list()[0]["attempts"] == 1)
+    next_at = t.spool_list()[0]["next_attempt"]
+    assert t.stop() == 0
+    t.start()
+    q = t.spool_list()
+    assert len(q) == 1 and q[0]["attempts"] == 1 and q[0]["next_attempt"] == next_at
+    time.sleep(1)
+    assert "status=deferred" not in t.log().split(" started in ")[-1], "no attempt before the next retry time"
+
+
+def test_only_pending_recipients_are_sent_again(ternd_factory, tmp_path):
+    """A scripted next hop that accepts one recipient and defers the other: the retry goes
+    to the deferred one only (per-recipient state)."""
+    port = free_port()
+    seen = []
+
+    def serve(srv):
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                f = c.makefile("rb")
+                c.sendall(b"220 fake ESMTP\r\n")
+                rcpts = []
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    cmd = line.strip().upper()
+                    if cmd.startswith(b"EHLO"):
+                        c.sendall(b"250-fake\r\n250 8BITMIME\r\n")
+                    elif cmd.startswith(b"MAIL"):
+                        c.sendall(b"250 2.1.0 ok\r\n")
+                    elif cmd.startswith(b"RCPT"):
+                        if b"later@" in line and len(seen) == 0:
+                            c.sendall(b"450 4.2.1 mailbox busy\r\n")
+                        else:
+                            rcpts.append(line.strip())
+                            c.sendall(b"250 2.1.5 ok\r\n")
+                    elif cmd == b"DATA":
+                        c.sendall(b"354 go\r\n")
+                        while f.readline() not in (b".\r\n", b""):
+                            pass
+                        seen.append(rcpts)
+                        rcpts = []
+                        c.sendall(b"250 2.0.0 queued\r\n")
+                    elif cmd == b"QUIT":
+                        c.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        c.sendall(b"250 ok\r\n")
+
+    srv = socket.create_server(("127.0.0.1", port))
+    threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    try:
+        t = ternd_factory(extra=smarthost(port) + queue_cfg(retry='["1s"]')).start()
+        send(t.port, ["now@example.com", "later@example.com"], subject="partial")
+        assert wait_for(lambda: len(seen) == 2, timeout=15), (seen, t.log())
+        assert len(seen[0]) == 1 and b"now@" in seen[0][0]
+        assert len(seen[1]) == 1 and b"later@" in seen[1][0], seen
+        assert wait_for(lambda: t.spool_list() == [])
+    finally:
+        srv.close()
+
+
+def test_tls_required_but_not_offered_sends_nothing_in_clear(ternd_factory):
+    """tls = "encrypt" to a next hop without STARTTLS: the mail is deferred and no MAIL,
+    RCPT or DATA ever reaches the wire."""
+    port = free_port()
+    got = []
+
+    def serve(srv):
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(b"220 plain only\r\n")
+                f = c.makefile("rb")
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    got.append(line)
+                    if line.upper().startswith(b"EHLO"):
+                        c.sendall(b"250-plain\r\n250 PIPELINING\r\n")
+                    elif line.upper().startswith(b"QUIT"):
+                        c.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        c.sendall(b"250 ok\r\n")
+
+    srv = socket.create_server(("127.0.0.1", port))
+    threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    try:
+        t = ternd_factory(extra=smarthost(port, tls="encrypt") + queue_cfg(retry='["1h"]')).start()
+        send(t.port, ["a@example.com"], subject="secret")
+        assert t.wait_log("status=deferred", timeout=10), t.log()
+        assert "TLS is required, but was not offered" in t.log() or "TLS is required, but our TLS engine" in t.log()
+        words = [l.split()[0].upper() for l in got if l.strip()]
+        assert not {b"MAIL", b"RCPT", b"DATA", b"AUTH"} & set(words), got
+        assert len(t.spool_list()) == 1
+    finally:
+        srv.close()
+
+
+def test_no_route_keeps_mail_queued(ternd_factory):
+    t = ternd_factory(extra='[[route]]\ndomains = ["inside.test"]\nhost = "127.0.0.1"\nport = 9\ntls = "none"\n'
+                      + queue_cfg(retry='["1h"]')).start()
+    send(t.port, ["a@outside.test"], subject="noroute")
+    assert t.wait_log("status=deferred (no route to the recipient's domain"), t.log()
+    assert t.wait_log("dsn=4.3.5")
+    assert len(t.spool_list()) == 1
+
+
+def test_segments_are_reclaimed_as_mail_is_delivered(ternd_factory, sinks):
+    sink = sinks()
+    t = ternd_factory(extra=smarthost(sink.port) + queue_cfg(),
+                      limits={"message_size": 1048576}).start()
+    # 1 MiB segments: 400 messages of ~8 KiB roll over a few times.
+    t.config.write_text(t.config.read_text().replace("[spool]\n", "[spool]\nsegment_size = 1048576\n"))
+    t.stop()
+    t.start()
+    body = "x" * 8000 + "\r\n"
+    with smtplib.SMTP("127.0.0.1", t.port, timeout=10) as s:
+        for i in range(400):
+            s.sendmail("s@origin.test", [f"r{i}@example.com"], f"Subject: r{i}\r\n\r\n{body}")
+    assert wait_for(lambda: len(sink.messages()) == 400, timeout=60), t.log()[-3000:]
+    assert wait_for(lambda: t.spool_list() == [])
+    segs = lambda: glob.glob(os.path.join(t.spool, "segments", "*.seg"))
+    assert wait_for(lambda: len(segs()) <= 2, timeout=10), (segs(), t.log()[-2000:])
+    assert "removed: every message in it is done" in t.log()
+    assert t.spool_check().returncode == 0
