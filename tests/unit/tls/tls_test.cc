@@ -381,7 +381,7 @@ TEST_F(tls_test, session_cache_is_bounded) {
 // returns the first group of key_share (0x0033), or of supported_groups (0x000a) for the
 // ClientHello; -1 when absent. Also collects the ClientHello's cipher suites.
 int first_group(const std::string& rec, bool client_hello, uint16_t ext_type,
-                std::vector<uint16_t>* suites = nullptr) {
+                std::vector<uint16_t>* suites = nullptr, int* ext_size = nullptr) {
   auto u8 = [&](size_t i) -> int { return i < rec.size() ? static_cast<unsigned char>(rec[i]) : -1; };
   auto u16 = [&](size_t i) -> int {
     return i + 1 < rec.size() ? (u8(i) << 8 | u8(i + 1)) : -1;
@@ -405,6 +405,7 @@ int first_group(const std::string& rec, bool client_hello, uint16_t ext_type,
     int type = u16(i), len = u16(i + 2);
     if (len < 0) return -1;
     if (type == ext_type) {
+      if (ext_size) *ext_size = len;
       // ClientHello key_share and supported_groups start with a 2-byte list length.
       return client_hello ? u16(i + 6) : u16(i + 4);
     }
@@ -420,7 +421,11 @@ TEST_F(tls_test, client_offers_x25519_first_and_only_aead_suites) {
   p.handshake();
   ASSERT_TRUE(p.c->handshake_done()) << p.c->error();
   std::vector<uint16_t> suites;
-  EXPECT_EQ(first_group(p.first_c2s, true, 0x0033, &suites), 0x001d);  // key_share: X25519
+  int key_share_size = 0;
+  EXPECT_EQ(first_group(p.first_c2s, true, 0x0033, &suites, &key_share_size), 0x001d);
+  // One key share only (list length 2 + group 2 + length 2 + 32 bytes): no P-256 or P-521
+  // key generated and thrown away on every handshake.
+  EXPECT_EQ(key_share_size, 2 + 2 + 2 + 32);
   EXPECT_EQ(first_group(p.first_c2s, true, 0x000a), 0x001d);           // supported_groups
   EXPECT_EQ(first_group(p.first_s2c, false, 0x0033), 0x001d);          // negotiated: X25519
   ASSERT_FALSE(suites.empty());
