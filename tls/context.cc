@@ -3,7 +3,13 @@
 // options.h first: it carries the build's feature macros that the other headers test.
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
+#include <wolfssl/wolfcrypt/chacha20_poly1305.h>
 #include <wolfssl/wolfcrypt/ecc.h>
+
+#include <sys/random.h>
+
+#include <atomic>
+#include <cstring>
 
 namespace tern::tls {
 
@@ -19,7 +25,53 @@ constexpr const char* ciphers_12 =
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 
+// The ticket nonce: unique per key because the key lives for one process and this counter
+// only grows. Shared by the shards' threads (one atomic add per ticket issued).
+std::atomic<uint64_t> ticket_nonce{0};
+
+// Seals and opens tickets with ChaCha20-Poly1305 under the process-wide key. wolfSSL gives
+// 16 bytes of IV space (the 12-byte nonce goes there) and 32 of MAC space (the 16-byte
+// tag); the key name, IV and length are authenticated too.
+int ticket_cb(WOLFSSL*, unsigned char key_name[WOLFSSL_TICKET_NAME_SZ],
+              unsigned char iv[WOLFSSL_TICKET_IV_SZ], unsigned char mac[WOLFSSL_TICKET_MAC_SZ],
+              int enc, unsigned char* ticket, int in_len, int* out_len, void* user) {
+  const auto* k = static_cast<const ticket_key*>(user);
+  if (k == nullptr || in_len < 0) return WOLFSSL_TICKET_RET_FATAL;
+  if (enc) {
+    std::memcpy(key_name, k->name, WOLFSSL_TICKET_NAME_SZ);
+    // counter || start of the key name: wolfSSL refuses an all-zero IV.
+    uint64_t n = ticket_nonce.fetch_add(1, std::memory_order_relaxed) + 1;
+    std::memcpy(iv, &n, sizeof n);
+    std::memcpy(iv + sizeof n, k->name, WOLFSSL_TICKET_IV_SZ - sizeof n);
+  } else if (std::memcmp(key_name, k->name, WOLFSSL_TICKET_NAME_SZ) != 0) {
+    return WOLFSSL_TICKET_RET_REJECT;  // another process's ticket: a full handshake
+  }
+  unsigned char aad[WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ + 2];
+  std::memcpy(aad, key_name, WOLFSSL_TICKET_NAME_SZ);
+  std::memcpy(aad + WOLFSSL_TICKET_NAME_SZ, iv, WOLFSSL_TICKET_IV_SZ);
+  aad[sizeof aad - 2] = static_cast<unsigned char>(in_len >> 8);
+  aad[sizeof aad - 1] = static_cast<unsigned char>(in_len);
+  auto len = static_cast<word32>(in_len);
+  int r = enc ? wc_ChaCha20Poly1305_Encrypt(k->key, iv, aad, sizeof aad, ticket, len, ticket, mac)
+              : wc_ChaCha20Poly1305_Decrypt(k->key, iv, aad, sizeof aad, ticket, len, mac, ticket);
+  if (r != 0) return enc ? WOLFSSL_TICKET_RET_FATAL : WOLFSSL_TICKET_RET_REJECT;
+  *out_len = in_len;
+  return WOLFSSL_TICKET_RET_OK;
+}
+
 }  // namespace
+
+std::shared_ptr<const ticket_key> ticket_key::create(std::string& err) {
+  auto k = std::make_shared<ticket_key>();
+  unsigned char buf[sizeof k->name + sizeof k->key];
+  if (getrandom(buf, sizeof buf, 0) != static_cast<ssize_t>(sizeof buf)) {
+    err = "tls: getrandom failed for the ticket key";
+    return nullptr;
+  }
+  std::memcpy(k->name, buf, sizeof k->name);
+  std::memcpy(k->key, buf + sizeof k->name, sizeof k->key);
+  return k;
+}
 
 bool library_init(std::string& err) {
   if (wolfSSL_Init() != WOLFSSL_SUCCESS) {
@@ -107,6 +159,14 @@ std::unique_ptr<context> context::create(const context_options& o, std::string& 
     wolfSSL_CTX_set_verify(ctx, WOLFSSL_VERIFY_NONE, nullptr);
     if (!o.session_tickets) {
       wolfSSL_CTX_set_num_tickets(ctx, 0);
+    } else if (o.tickets) {
+      // The context keeps opts_ (and so the key) alive as long as wolfSSL may call back.
+      if (wolfSSL_CTX_set_TicketEncCb(ctx, ticket_cb) != WOLFSSL_SUCCESS ||
+          wolfSSL_CTX_set_TicketEncCtx(ctx, const_cast<ticket_key*>(c->opts_.tickets.get())) !=
+              WOLFSSL_SUCCESS) {
+        err = "tls: cannot install the ticket key";
+        return nullptr;
+      }
     }
   } else {
     if (!o.ca_file.empty() &&

@@ -39,6 +39,19 @@ void library_cleanup();
 // per-thread table that is otherwise leaked at thread exit).
 void thread_cleanup();
 
+// The key that seals TLS 1.3 session tickets, made once per process and shared by the
+// server contexts of all shards: a ticket issued by one shard then resumes on any other
+// (with wolfSSL's default, each context has its own key and a client landing on another
+// shard gets a full handshake). Read-only after creation. Not rotated: a restart makes a
+// new one, which also ends every outstanding ticket.
+class ticket_key {
+ public:
+  // nullptr and a reason when the kernel's random source fails.
+  static std::shared_ptr<const ticket_key> create(std::string& err);
+  unsigned char name[16];
+  unsigned char key[32];
+};
+
 enum class role : uint8_t { client, server };
 enum class version : uint8_t { v1_2, v1_3 };
 // "1.2" or "1.3"; false for anything else.
@@ -60,6 +73,9 @@ struct context_options {
   size_t pending_app_max = 64 * 1024;
   // Server: issue TLS 1.3 session tickets so that clients (tern itself) resume.
   bool session_tickets = true;
+  // Server: the process-wide ticket key (ticket_key::create); null: wolfSSL's own key for
+  // this context only.
+  std::shared_ptr<const ticket_key> tickets;
 };
 
 // Counted by the transports of this context (one thread: plain integers).

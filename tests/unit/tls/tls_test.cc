@@ -354,6 +354,51 @@ TEST_F(tls_test, second_connection_to_same_destination_resumes) {
   EXPECT_EQ(cctx->cached_sessions(), 2u);
 }
 
+// Two shards' server contexts: with the process-wide ticket key a ticket from one resumes
+// on the other; with wolfSSL's per-context key (the control) or another process's key it
+// cannot, and the handshake is a full one instead of an error.
+TEST_F(tls_test, ticket_key_shared_between_server_contexts_resumes_across_them) {
+  std::string err;
+  auto key = ticket_key::create(err);
+  ASSERT_NE(key, nullptr) << err;
+  auto other_key = ticket_key::create(err);  // another process (a restart)
+  ASSERT_NE(other_key, nullptr) << err;
+  enum { shared_key, per_context, other_process };
+  for (int mode : {shared_key, per_context, other_process}) {
+    const bool shared = mode == shared_key;
+    auto make = [&](std::shared_ptr<const ticket_key> k) {
+      context_options o;
+      o.side = role::server;
+      o.cert_file = g_certs->path("good.crt");
+      o.key_file = g_certs->path("good.key");
+      o.tickets = std::move(k);
+      auto c = context::create(o, err);
+      EXPECT_NE(c, nullptr) << err;
+      return c;
+    };
+    auto shard_a = make(mode == per_context ? nullptr : key);
+    auto shard_b = make(mode == per_context ? nullptr : mode == other_process ? other_key : key);
+    auto cctx = client_ctx();
+    {
+      pair p(*cctx, *shard_a, to_smarthost(verify_policy::verify, "smarthost.test:25"));
+      p.handshake();
+      ASSERT_TRUE(p.c->handshake_done()) << p.c->error();
+    }
+    ASSERT_EQ(cctx->cached_sessions(), 1u);
+    pair p(*cctx, *shard_b, to_smarthost(verify_policy::verify, "smarthost.test:25"));
+    p.handshake();
+    ASSERT_TRUE(p.c->handshake_done()) << p.c->error();
+    EXPECT_EQ(p.c->resumed(), shared);
+    EXPECT_EQ(p.s->resumed(), shared);
+    if (shared) {
+      // And the same shard still resumes with the shared key.
+      pair q(*cctx, *shard_b, to_smarthost(verify_policy::verify, "smarthost.test:25"));
+      q.handshake();
+      EXPECT_TRUE(q.c->resumed());
+    }
+  }
+}
+
 TEST_F(tls_test, session_cache_is_bounded) {
   auto sctx = server_ctx("good");
   context_options o;
