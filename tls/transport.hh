@@ -31,8 +31,10 @@ enum class verify_policy : uint8_t {
 // Client side, per connection.
 struct peer_options {
   verify_policy policy = verify_policy::verify;
-  std::string sni;          // server_name sent; empty: none
-  std::string verify_name;  // name the certificate must carry; empty: the sni
+  std::string sni;          // server_name sent; empty: none (never an IP literal, RFC 6066)
+  // Name the certificate must carry (DNS subjectAltName, else CN); an IP literal is matched
+  // against iPAddress subjectAltNames. Empty: the sni.
+  std::string verify_name;
   std::string destination;  // session cache key (e.g. "mx.example:25"); empty: no resumption
 };
 

@@ -6,14 +6,16 @@ cd "$(dirname "$0")/.."
 
 wolfssl_version=$(dpkg-query -W -f='${Version}' libwolfssl-dev 2>/dev/null || echo unknown)
 # The features tern uses (TLS 1.3, tickets, SNI, groups, X25519/P-256, AEADs, name check,
-# peer certificate kept) plus the asm. --enable-nullcipher only so that the unit test can
-# build a TLS13-SHA256-SHA256 server and prove tern's client refuses it (Debian's build has
-# it too); tern's cipher lists are always set explicitly (tls/context.cc).
+# peer certificate kept, IP subjectAltNames matched for an IP-literal smarthost) plus the
+# asm. --enable-nullcipher only so that the unit test can build a TLS13-SHA256-SHA256
+# server and prove tern's client refuses it (Debian's build has it too); tern's cipher
+# lists are always set explicitly (tls/context.cc).
 wolfssl_flags="--enable-static --disable-shared --enable-tls13 --enable-session-ticket \
 --enable-sni --enable-supportedcurves --enable-curve25519 --enable-ecc --enable-aesgcm \
 --enable-chacha --enable-poly1305 --enable-aesni --enable-intelasm --enable-sp \
 --enable-sp-asm --enable-harden --enable-nullcipher --enable-fpecc --disable-examples \
---disable-crypttests --disable-benchmark C_EXTRA_FLAGS=-DKEEP_PEER_CERT"
+--disable-crypttests --disable-benchmark \
+C_EXTRA_FLAGS='-DKEEP_PEER_CERT -DWOLFSSL_IP_ALT_NAME'"
 wolfssl_hash=$(printf '%s %s' "$wolfssl_version" "$wolfssl_flags" | sha256sum | cut -c1-12)
 wolfssl_prefix=/opt/tern/wolfssl-${wolfssl_version//[^A-Za-z0-9.]/_}-$wolfssl_hash
 if [ "${1:-}" = "--wolfssl-pc-path" ]; then

@@ -215,6 +215,20 @@ TEST_F(tls_test, wrong_name_fails_with_hostname_reason) {
   EXPECT_EQ(cctx->stats().handshakes, 0u);
 }
 
+// A smarthost given as an IP literal: the name checked is the address, against the
+// certificate's iPAddress subjectAltName (good.crt has 127.0.0.1, no SNI is sent).
+TEST_F(tls_test, ip_literal_is_checked_against_ip_san) {
+  auto sctx = server_ctx("good");
+  auto cctx = client_ctx();
+  for (const char* ip : {"127.0.0.1", "127.0.0.2"}) {
+    peer_options o;
+    o.verify_name = ip;
+    pair p(*cctx, *sctx, o);
+    p.handshake();
+    EXPECT_EQ(p.c->handshake_done(), std::string(ip) == "127.0.0.1") << ip << ": " << p.c->error();
+  }
+}
+
 TEST_F(tls_test, expired_certificate_fails) {
   auto sctx = server_ctx("expired");
   auto cctx = client_ctx();
