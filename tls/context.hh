@@ -78,8 +78,9 @@ struct context_options {
   std::shared_ptr<const ticket_key> tickets;
 };
 
-// Counted by the transports of this context (one thread: plain integers).
-struct counters {
+// Counted by the transports of this context (one thread: plain integers; their own cache
+// line, since other threads may read them).
+struct alignas(64) counters {
   uint64_t handshakes = 0;  // completed
   uint64_t resumed = 0;     // of those, resumed from a ticket
   uint64_t full = 0;        // of those, full handshakes

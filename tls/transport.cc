@@ -133,7 +133,14 @@ std::unique_ptr<transport> transport::client(context& ctx, const peer_options& p
   }
   std::unique_ptr<transport> t(new transport(ctx, ssl, true));
   t->policy_ = p.policy;
-  t->destination_ = p.destination;
+  if (!p.destination.empty()) {
+    // The cache key carries the policy and the name checked: a session made under
+    // `encrypt` (nothing verified), or verified for another name, must never let a later
+    // `verify` connection skip the certificate check by resuming.
+    t->destination_ = p.destination;
+    t->destination_ += p.policy == verify_policy::verify ? "\n+verify:" : "\n+encrypt";
+    if (p.policy == verify_policy::verify) t->destination_ += vname;
+  }
   wolfSSL_SSLSetIORecv(ssl, recv_cb);
   wolfSSL_SSLSetIOSend(ssl, send_cb);
   wolfSSL_SetIOReadCtx(ssl, t.get());
@@ -154,8 +161,8 @@ std::unique_ptr<transport> transport::client(context& ctx, const peer_options& p
     err = "tls: cannot create an X25519 key share";
     return nullptr;
   }
-  if (!p.destination.empty()) {
-    if (WOLFSSL_SESSION* s = ctx.find_session(p.destination)) {
+  if (!t->destination_.empty()) {
+    if (WOLFSSL_SESSION* s = ctx.find_session(t->destination_)) {
       // A stale or unusable session is refused here; the handshake is then a full one.
       wolfSSL_set_session(ssl, s);
     }

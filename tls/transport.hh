@@ -35,7 +35,9 @@ struct peer_options {
   // Name the certificate must carry (DNS subjectAltName, else CN); an IP literal is matched
   // against iPAddress subjectAltNames. Empty: the sni.
   std::string verify_name;
-  std::string destination;  // session cache key (e.g. "mx.example:25"); empty: no resumption
+  // Session cache key (e.g. "mx.example:25"); empty: no resumption. The policy and the
+  // name verified are added to it, so a session only resumes under the same checks.
+  std::string destination;
 };
 
 class transport final : public net::transport {
@@ -95,7 +97,7 @@ class transport final : public net::transport {
   size_t in_len_ = 0;
   std::string* wire_ = nullptr;
   std::string pending_app_;
-  std::string destination_;
+  std::string destination_;  // the cache key: destination, policy, name verified
   uint64_t ticket_seen_ = 0;  // hash of the ticket at handshake time (resumed connections)
   std::string protocol_;
   std::string cipher_;

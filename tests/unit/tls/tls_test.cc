@@ -368,6 +368,47 @@ TEST_F(tls_test, second_connection_to_same_destination_resumes) {
   EXPECT_EQ(cctx->cached_sessions(), 2u);
 }
 
+// Regression: a session made under `encrypt` (certificate not checked) must not be resumed
+// by a later `verify` connection to the same destination, which would then report
+// verified=true without any check; nor a session verified for another name.
+TEST_F(tls_test, resumption_never_skips_a_verification_the_first_session_did_not_do) {
+  auto sctx = server_ctx("unknown");  // not verifiable with the client's CA
+  auto cctx = client_ctx();
+  {
+    pair p(*cctx, *sctx, to_smarthost(verify_policy::encrypt, "smarthost.test:25"));
+    p.handshake();
+    ASSERT_TRUE(p.c->handshake_done()) << p.c->error();
+  }
+  ASSERT_EQ(cctx->cached_sessions(), 1u);
+  {
+    pair p(*cctx, *sctx, to_smarthost(verify_policy::verify, "smarthost.test:25"));
+    p.handshake();
+    EXPECT_FALSE(p.c->handshake_done());
+    EXPECT_FALSE(p.c->verified());
+    EXPECT_NE(p.c->error().find("unknown CA"), std::string_view::npos) << p.c->error();
+  }
+  // The encrypt session still resumes under encrypt.
+  pair p(*cctx, *sctx, to_smarthost(verify_policy::encrypt, "smarthost.test:25"));
+  p.handshake();
+  EXPECT_TRUE(p.c->resumed());
+  EXPECT_FALSE(p.c->verified());
+
+  // Verified for one name, then asked to verify another at the same destination.
+  auto good = server_ctx("good");
+  auto cctx2 = client_ctx();
+  {
+    pair q(*cctx2, *good, to_smarthost(verify_policy::verify, "mx:25"));
+    q.handshake();
+    ASSERT_TRUE(q.c->handshake_done()) << q.c->error();
+  }
+  peer_options o = to_smarthost(verify_policy::verify, "mx:25");
+  o.verify_name = "other.test";
+  pair q(*cctx2, *good, o);
+  q.handshake();
+  EXPECT_FALSE(q.c->handshake_done());
+  EXPECT_NE(q.c->error().find("hostname mismatch"), std::string_view::npos) << q.c->error();
+}
+
 // Two shards' server contexts: with the process-wide ticket key a ticket from one resumes
 // on the other; with wolfSSL's per-context key (the control) or another process's key it
 // cannot, and the handshake is a full one instead of an error.
