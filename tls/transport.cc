@@ -121,6 +121,10 @@ std::unique_ptr<transport> transport::client(context& ctx, const peer_options& p
     err = "tls: a client transport needs a client context";
     return nullptr;
   }
+  if (p.sni.size() > 255 || p.verify_name.size() > 255) {
+    err = "tls: a name longer than 255 bytes";
+    return nullptr;
+  }
   const std::string& vname = p.verify_name.empty() ? p.sni : p.verify_name;
   if (p.policy == verify_policy::verify && vname.empty()) {
     err = "tls: the verify policy needs a name to check";

@@ -771,17 +771,37 @@ void drive(int fd, transport& c) {
   }
 }
 
-std::unique_ptr<transport> run_against_openssl(s_server& srv, context& cctx, verify_policy policy) {
+// With `echo_line`, also sends it after the handshake and reads until s_server -rev
+// answers (by then the server's NewSessionTickets have been read too).
+std::unique_ptr<transport> run_against_openssl(s_server& srv, context& cctx, verify_policy policy,
+                                               const std::string& dest = "",
+                                               std::string* echo_reply = nullptr) {
   int fd = srv.connect_fd();
   EXPECT_GE(fd, 0) << "openssl s_server did not start";
   std::string err;
   peer_options o;
   o.policy = policy;
   o.sni = "smarthost.test";
+  o.destination = dest;
   auto c = transport::client(cctx, o, err);
   EXPECT_NE(c, nullptr) << err;
   if (fd >= 0 && c) {
     drive(fd, *c);
+    if (echo_reply && c->handshake_done()) {
+      std::string app = "hello\n", wire;
+      sink got;
+      EXPECT_EQ(c->on_send(app, wire), transport_status::ok);
+      write_all(fd, wire);
+      char buf[16384];
+      while (got.got.find('\n') == std::string::npos) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) break;
+        wire.clear();
+        if (c->on_recv(buf, static_cast<size_t>(n), got, wire) != transport_status::ok) break;
+        write_all(fd, wire);
+      }
+      *echo_reply = got.got;
+    }
     close(fd);
   }
   return c;
@@ -837,4 +857,22 @@ TEST_F(tls_test, openssl_anonymous_null_rc4_server_is_refused_with_tls12_allowed
   EXPECT_EQ(sh("echo | openssl s_client -connect 127.0.0.1:" + std::to_string(srv.port) +
                " -tls1_2 -cipher 'ADH-AES128-SHA:@SECLEVEL=0' 2>&1 | grep -q 'Cipher is ADH-AES128-SHA'"),
             0);
+}
+
+// tern's client resumes with a real OpenSSL TLS 1.3 server (a smarthost) from its ticket.
+TEST_F(tls_test, openssl_server_session_resumes) {
+  s_server srv(good_cert() + std::vector<std::string>{"-tls1_3", "-rev"});
+  auto cctx = client_ctx();
+  std::string reply;
+  auto c1 = run_against_openssl(srv, *cctx, verify_policy::verify, "smarthost.test:25", &reply);
+  ASSERT_TRUE(c1->handshake_done()) << c1->error();
+  EXPECT_EQ(reply, "olleh\n");
+  EXPECT_FALSE(c1->resumed());
+  EXPECT_EQ(cctx->cached_sessions(), 1u);
+  auto c2 = run_against_openssl(srv, *cctx, verify_policy::verify, "smarthost.test:25", &reply);
+  ASSERT_TRUE(c2->handshake_done()) << c2->error();
+  EXPECT_TRUE(c2->resumed());
+  EXPECT_TRUE(c2->verified());
+  EXPECT_EQ(reply, "olleh\n");
+  EXPECT_EQ(cctx->stats().resumed, 1u);
 }
