@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-[ -f build/build.ninja ] || meson setup build -Dbuildtype=release >/dev/null
+# The wolfSSL that setup.sh built with AES-NI/asm (docs/dependencies.md).
+[ -f build/build.ninja ] || meson setup build -Dbuildtype=release \
+  -Dpkg_config_path="$(tools/setup.sh --wolfssl-pc-path)" >/dev/null
 ninja -C build
 exec build/src/ternd "$@"

@@ -2,6 +2,26 @@
 # Install everything tern needs to build, run and test, from Debian 12 packages only.
 # Idempotent; run as root (CI and the README's commands do).
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+wolfssl_version=$(dpkg-query -W -f='${Version}' libwolfssl-dev 2>/dev/null || echo unknown)
+# The features tern uses (TLS 1.3, tickets, SNI, groups, X25519/P-256, AEADs, name check,
+# peer certificate kept, IP subjectAltNames matched for an IP-literal smarthost) plus the
+# asm. --enable-nullcipher only so that the unit test can build a TLS13-SHA256-SHA256
+# server and prove tern's client refuses it (Debian's build has it too); tern's cipher
+# lists are always set explicitly (tls/context.cc).
+wolfssl_flags="--enable-static --disable-shared --enable-tls13 --enable-session-ticket \
+--enable-sni --enable-supportedcurves --enable-curve25519 --enable-ecc --enable-aesgcm \
+--enable-chacha --enable-poly1305 --enable-aesni --enable-intelasm --enable-sp \
+--enable-sp-asm --enable-harden --enable-nullcipher --enable-fpecc --disable-examples \
+--disable-crypttests --disable-benchmark \
+C_EXTRA_FLAGS='-DKEEP_PEER_CERT -DWOLFSSL_IP_ALT_NAME'"
+wolfssl_hash=$(printf '%s %s' "$wolfssl_version" "$wolfssl_flags" | sha256sum | cut -c1-12)
+wolfssl_prefix=/opt/tern/wolfssl-${wolfssl_version//[^A-Za-z0-9.]/_}-$wolfssl_hash
+if [ "${1:-}" = "--wolfssl-pc-path" ]; then
+  echo "$wolfssl_prefix/lib/pkgconfig"
+  exit 0
+fi
 
 pkgs=(
   # build
@@ -13,22 +33,57 @@ pkgs=(
   python3 python3-pytest swaks postfix haproxy keepalived iproute2 util-linux procps
   # the power-loss test's FUSE file system (tests/fuse): library to build, fusermount3 to run
   fuse3 libfuse3-dev
+  # the local wolfSSL rebuild (below): Debian's own source package, built with its tools
+  dpkg-dev autoconf automake libtool make openssl
 )
 
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+if [ ${#missing[@]} -ne 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tools/setup.sh: missing packages (${missing[*]}); run as root to install them" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  # postfix: installed for its tools (smtp-source, smtp-sink) and as the benchmark peer;
+  # "No configuration" keeps the package from starting a system mailer on port 25.
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "tools/setup.sh: missing packages (${missing[*]}); run as root to install them" >&2
-  exit 1
+
+# wolfSSL, rebuilt from Debian's own source package. Debian's libwolfssl 5.5.4 is built
+# without AES-NI, Intel asm and SP asm: AES-128-GCM runs at ~51 MB/s instead of ~700 MB/s
+# (docs/benchmarks.md, "TLS"). We build the same source ONCE, static (the binaries need no
+# rpath), into a prefix named by the version and a hash of the flags; meson finds it through
+# pkg-config (`tools/setup.sh --wolfssl-pc-path` prints the directory for PKG_CONFIG_PATH).
+# A failed rebuild fails this script loudly: CI must not silently use the slow library. A
+# tree without the local build (plain `meson setup`) still builds against libwolfssl-dev.
+if [ ! -f "$wolfssl_prefix/lib/pkgconfig/wolfssl.pc" ]; then
+  fail() { echo "tools/setup.sh: FAILED to build wolfSSL with AES-NI into $wolfssl_prefix: $*" >&2; exit 1; }
+  [ "$(id -u)" -eq 0 ] || fail "run as root"
+  if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
+    # Source entries from the same mirrors as the binary ones (bookworm, -updates, -security).
+    sed -e 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
+      > /etc/apt/sources.list.d/tern-debian-src.sources || fail "no deb-src entry"
+    apt-get update -qq || fail "apt-get update"
+  fi
+  src=$(mktemp -d /var/tmp/tern-wolfssl.XXXXXX)
+  (cd "$src" && apt-get source -qq "wolfssl=$wolfssl_version") || fail "apt-get source wolfssl=$wolfssl_version"
+  dir=$(find "$src" -maxdepth 1 -mindepth 1 -type d -name 'wolfssl-*' | head -1)
+  [ -n "$dir" ] || fail "no source directory"
+  # && throughout: set -e does not apply inside a subshell whose status is tested.
+  (
+    cd "$dir" &&
+    { [ -x configure ] || ./autogen.sh; } &&
+    eval "nice -n 10 ./configure --prefix=$wolfssl_prefix $wolfssl_flags" &&
+    nice -n 10 make -j2 &&
+    make install
+  ) >"$src/build.log" 2>&1 || { tail -30 "$src/build.log" >&2; fail "see $src/build.log"; }
+  # Refuse a build that lost the asm: the whole point of it.
+  grep -q 'define WOLFSSL_AESNI' "$wolfssl_prefix/include/wolfssl/options.h" || fail "AES-NI missing"
+  grep -q 'define WOLFSSL_SP_X86_64_ASM' "$wolfssl_prefix/include/wolfssl/options.h" || fail "SP asm missing"
+  rm -rf "$src"
 fi
-export DEBIAN_FRONTEND=noninteractive
-# postfix: installed for its tools (smtp-source, smtp-sink) and as the benchmark peer;
-# "No configuration" keeps the package from starting a system mailer on port 25.
-echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}"

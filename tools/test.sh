@@ -6,6 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh || exit 1
 
+# The wolfSSL that setup.sh built with AES-NI/asm (docs/dependencies.md); meson finds it
+# through pkg-config, and check_wolfssl below proves the binaries use it.
+wolfssl_pc=$(tools/setup.sh --wolfssl-pc-path)
 results=$(mktemp -d /tmp/tern-results.XXXXXX)
 build_failures=0
 py=/usr/bin/python3   # Debian's python, which has python3-pytest
@@ -13,9 +16,28 @@ py=/usr/bin/python3   # Debian's python, which has python3-pytest
 build() {  # dir, meson options...
   local dir=$1; shift
   if [ ! -f "$dir/build.ninja" ]; then
-    meson setup "$dir" "$@" >"$results/setup-$(basename "$dir").log" 2>&1 || { cat "$results/setup-$(basename "$dir").log"; return 1; }
+    meson setup "$dir" -Dpkg_config_path="$wolfssl_pc" "$@" >"$results/setup-$(basename "$dir").log" 2>&1 || { cat "$results/setup-$(basename "$dir").log"; return 1; }
+  else
+    # A build dir made before the local wolfSSL existed: point it there (cheap if unchanged).
+    meson configure "$dir" -Dpkg_config_path="$wolfssl_pc" >/dev/null || return 1
   fi
   ninja -C "$dir" >"$results/ninja-$(basename "$dir").log" 2>&1 || { tail -50 "$results/ninja-$(basename "$dir").log"; return 1; }
+  check_wolfssl "$dir"
+}
+
+# Every built binary that contains wolfSSL must have the static AES-NI build, not Debian's
+# shared library (AES-GCM 51 MB/s instead of ~700).
+check_wolfssl() {  # dir
+  local b
+  for b in "$1"/src/ternd "$1"/tests/test_tls "$1"/bench/tls_bench; do
+    [ -x "$b" ] || continue
+    if ldd "$b" | grep -q 'libwolfssl\.so'; then
+      echo "FAILED: $b uses the shared (slow) libwolfssl, not $wolfssl_pc"; return 1
+    fi
+    if nm "$b" 2>/dev/null | grep -q ' T wolfSSL_new$' && ! nm "$b" | grep -q 'AES_GCM_encrypt_avx'; then
+      echo "FAILED: $b has a wolfSSL without AES-NI/AVX"; return 1
+    fi
+  done
 }
 
 run_suite() {  # dir, label
