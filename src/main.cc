@@ -21,6 +21,7 @@
 #include "src/config/config.hh"
 #include "src/core/log.hh"
 #include "src/server/shard.hh"
+#include "tls/context.hh"
 #include "tern_build.hh"
 
 #if __has_include(<mimalloc.h>) && !defined(__SANITIZE_ADDRESS__)
@@ -63,6 +64,13 @@ int run(const config::config& cfg) {
     }
   }
 
+  {
+    std::string terr;
+    if (!tls::library_init(terr)) {
+      log::error("TLS: {}", terr);
+      return 1;
+    }
+  }
   // Recovery first: nothing is accepted until the queue is rebuilt.
   std::vector<spool::queued_message> queue;
   spool::recovery_report rep;
@@ -156,6 +164,7 @@ int run(const config::config& cfg) {
       }
       ready[s].set_value("");
       shards[s]->run();
+      tls::thread_cleanup();  // the thread's ECC fixed-point cache
     });
   }
   // Any shard that cannot start ends the daemon with one clear error and a clean exit: the
@@ -239,6 +248,8 @@ int run(const config::config& cfg) {
     log::info("ternd stopped: {} connection(s), {} message(s) queued in this run, {} recipient(s) delivered, "
               "{} message(s) left in the queue",
               conns, msgs, sent, left);
+  shards.clear();
+  tls::library_cleanup();
   return failed ? 1 : 0;
 }
 

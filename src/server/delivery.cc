@@ -40,6 +40,11 @@ std::string pf_delay(double v) {
   return fmt::format("{:.0f}", v);
 }
 
+std::string tls_key(const config::next_hop& h) {
+  bool verify = h.tls == config::tls_policy::verify;
+  return std::string(h.tls_min_13 ? "1.3 " : "1.2 ") + (verify || !h.ca_file.empty() ? h.ca_file : "-");
+}
+
 std::string base_name(const std::string& p) {
   auto s = p.rfind('/');
   return s == std::string::npos ? p : p.substr(s + 1);
@@ -106,6 +111,29 @@ bool delivery::init(std::vector<spool::queued_message> recovered, const std::vec
     if (!read_pw(h)) return false;
   for (const auto& r : cfg_.routes)
     if (!read_pw(r.hop)) return false;
+  // TLS client contexts, one per (minimum version, CA file) that a hop uses.
+  auto make_ctx = [&](const config::next_hop& h) -> bool {
+    if (h.tls == config::tls_policy::none) return true;
+    std::string key = tls_key(h);
+    if (tls_ctx_.count(key)) return true;
+    tls::context_options o;
+    o.side = tls::role::client;
+    o.min_version = h.tls_min_13 ? tls::version::v1_3 : tls::version::v1_2;
+    if (!h.ca_file.empty()) o.ca_file = h.ca_file;
+    if (h.tls != config::tls_policy::verify && h.ca_file.empty()) o.ca_file.clear();  // nothing to verify against
+    std::string e;
+    auto ctx = tls::context::create(o, e);
+    if (!ctx) {
+      err = "delivery: TLS for " + h.host + ": " + e;
+      return false;
+    }
+    tls_ctx_.emplace(key, std::move(ctx));
+    return true;
+  };
+  for (const auto& h : cfg_.smarthosts)
+    if (!make_ctx(h)) return false;
+  for (const auto& r : cfg_.routes)
+    if (!make_ctx(r.hop)) return false;
   for (const auto& k : kept) mgr_.track_segment(k);
   for (auto& q : recovered) {
     queue::message_info m;
@@ -383,15 +411,64 @@ smtp::client_config delivery::client_config_for(const config::next_hop& hop) con
     case config::tls_policy::encrypt: cc.tls = smtp::tls_policy::encrypt; break;
     case config::tls_policy::verify: cc.tls = smtp::tls_policy::verify; break;
   }
-  // TLS on outbound connections comes with the tls/ transport; without it a policy of
-  // encrypt/verify defers (the client never sends mail in clear when TLS is required).
-  cc.tls_available = false;
+  // Without a context (tls = "none") the client never asks for STARTTLS.
+  cc.tls_available = tls_context_for(hop) != nullptr;
   if (!hop.auth_user.empty()) {
     cc.auth_user = hop.auth_user;
     auto it = password_cache_.find(hop.auth_password_file);
     if (it != password_cache_.end()) cc.auth_password = it->second;
   }
   return cc;
+}
+
+tls::context* delivery::tls_context_for(const config::next_hop& hop) const {
+  if (hop.tls == config::tls_policy::none) return nullptr;
+  auto it = tls_ctx_.find(tls_key(hop));
+  return it == tls_ctx_.end() ? nullptr : it->second.get();
+}
+
+// The client got 220 to STARTTLS: from here every byte goes through TLS. Bytes that came
+// after the 220 in the same read were discarded by the client (response injection); the
+// transport only sees what arrives from now on.
+void delivery::start_tls(oconn& c) {
+  const config::next_hop& hop = *c.hop;
+  tls::context* ctx = tls_context_for(hop);
+  std::string err;
+  if (ctx) {
+    tls::peer_options po;
+    po.policy = hop.tls == config::tls_policy::verify ? tls::verify_policy::verify : tls::verify_policy::encrypt;
+    if (!hop.host_is_ip) po.sni = hop.host;  // never an IP literal as SNI (RFC 6066 3)
+    po.verify_name = hop.verify_name.empty() ? hop.host : hop.verify_name;
+    po.destination = hop.host + ":" + std::to_string(hop.port);
+    c.tls = tls::transport::client(*ctx, po, err);
+  } else {
+    err = "no TLS context";
+  }
+  if (!c.tls || c.tls->start(c.wire) != net::transport_status::ok) {
+    ++ctr_.tls_failures;
+    log::warn("delivery: TLS with {} cannot start: {}", c.relay, c.tls ? std::string(c.tls->error()) : err);
+    c.cl.tls_done(false);
+    return;
+  }
+  c.tp = c.tls.get();
+}
+
+// After bytes went through the TLS transport: has the handshake ended?
+void delivery::check_tls(oconn& c) {
+  if (!c.tls || c.cl.stage() != client_stage::tls_handshake) return;
+  if (c.tls->failed()) {
+    ++ctr_.tls_failures;
+    log::warn("delivery: TLS handshake with {} failed: {}", c.relay, c.tls->error());
+    c.cl.tls_done(false);
+    return;
+  }
+  if (!c.tls->handshake_done()) return;
+  ++ctr_.tls_handshakes;
+  // postfix: "Verified TLS connection established to host[addr]:port: TLSv1.3 with cipher ..."
+  log::info("{} TLS connection established to {}: {} with cipher {}{}",
+            c.tls->verified() ? "Verified" : "Untrusted", c.relay, c.tls->protocol(), c.tls->cipher(),
+            c.tls->resumed() ? " (resumed)" : "");
+  c.cl.tls_done(true);
 }
 
 void delivery::open_connection(const queue::connect_request& req) {
@@ -448,8 +525,10 @@ void delivery::open_connection(const queue::connect_request& req) {
   c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = false;
   c.connect_inflight = true;
   c.tp = &net::plain_transport::instance();
+  c.tls.reset();
   c.app_out.clear();
   c.tx.clear();
+  c.wire.clear();
   c.tx_off = 0;
   c.job.reset();
   c.job_sent = false;
@@ -543,12 +622,17 @@ void delivery::on_recv(oconn& c, const io_uring_cqe& cqe) {
     int bid = core::buffer_ring::id_of(cqe);
     if (bid >= 0) {
       char* b = rx_.buffers().buffer(static_cast<uint16_t>(bid));
-      if (c.ph == phase::live &&
-          c.tp->on_recv(b, static_cast<size_t>(res), c, c.tx) != net::transport_status::ok) {
-        rx_.buffers().recycle(static_cast<uint16_t>(bid));
-        c.cl.lost();
-        drive(c);
-        return;
+      if (c.ph == phase::live) {
+        auto st = c.tp->on_recv(b, static_cast<size_t>(res), c, c.wire);
+        if (st != net::transport_status::ok) {
+          if (c.tls && c.cl.stage() == client_stage::tls_handshake) {
+            check_tls(c);  // a failed handshake: the client defers with the reason logged
+          } else {
+            c.cl.lost();
+          }
+        } else {
+          check_tls(c);
+        }
       }
       rx_.buffers().recycle(static_cast<uint16_t>(bid));
     }
@@ -579,6 +663,7 @@ void delivery::on_send(oconn& c, int res) {
   c.send_inflight = false;
   if (res < 0) {
     c.tx.clear();
+    c.wire.clear();
     c.tx_off = 0;
     if (c.ph == phase::live) {
       c.cl.lost();
@@ -596,13 +681,19 @@ void delivery::on_send(oconn& c, int res) {
   if (c.ph == phase::live) {
     drive(c);
   } else {
-    if (c.tx_off < c.tx.size()) return send_tx(c);  // closing: the QUIT or the last bytes
-    maybe_release(c);
+    send_tx(c);  // closing: the QUIT or the last bytes, if any
+    if (!c.send_inflight) maybe_release(c);
   }
 }
 
 void delivery::send_tx(oconn& c) {
-  if (c.send_inflight || c.tx_off >= c.tx.size() || c.fd < 0) return;
+  if (c.send_inflight || c.fd < 0) return;
+  if (c.tx_off >= c.tx.size()) {
+    c.tx.clear();
+    c.tx_off = 0;
+    c.tx.swap(c.wire);  // no send in flight: the produced bytes become the send buffer
+  }
+  if (c.tx_off >= c.tx.size()) return;
   auto* s = rx_.get_sqe();
   io_uring_prep_send(s, c.fd, c.tx.data() + c.tx_off, c.tx.size() - c.tx_off, MSG_NOSIGNAL);
   io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_send, c.idx, c.gen));
@@ -614,23 +705,22 @@ void delivery::send_tx(oconn& c) {
 void delivery::drive(oconn& c) {
   for (int guard = 0; guard < 64; ++guard) {
     if (c.cl.has_output()) {
-      if (!c.send_inflight && c.tx_off >= c.tx.size()) {
-        c.tx.clear();
-        c.tx_off = 0;
-      }
       c.cl.take_output(c.app_out);
-      if (c.tp->on_send(c.app_out, c.tx) != net::transport_status::ok) {
+      if (c.tp->on_send(c.app_out, c.wire) != net::transport_status::ok) {
         c.cl.lost();
         continue;
       }
     }
     client_stage st = c.cl.stage();
     if (st == client_stage::tls_handshake) {
-      c.cl.tls_done(false);  // no TLS transport here yet (tls_available is false)
-      continue;
+      if (!c.tls) {
+        start_tls(c);
+        continue;
+      }
+      break;  // waiting for the server's handshake bytes
     }
     if (st == client_stage::body) {
-      size_t pending = c.tx.size() - c.tx_off;
+      size_t pending = c.tx.size() - c.tx_off + c.wire.size();
       if (pending < body_window && c.cl.produce(body_window - pending) > 0) continue;
       break;
     }
@@ -677,6 +767,7 @@ void delivery::drive(oconn& c) {
         std::string why = f.code ? "host " + c.relay + " said: " + std::to_string(f.code) + " " + f.text +
                                        " (in reply to " + smtp::command_name(f.cmd) + " command)"
                                  : "host " + c.relay + ": " + f.text;
+        if (c.tls && c.tls->failed()) why += " (" + std::string(c.tls->error()) + ")";
         const char* dsn = f.status[0] ? f.status : "4.4.2";
         ++ctr_.connect_failures;
         mgr_.connect_failed(c.dest, c.host, dsn, why, rx_.now_ms(), now_us());
@@ -849,11 +940,15 @@ void delivery::maybe_release(oconn& c) {
   if (c.tmr.armed()) rx_.timers().cancel(c.tmr);
   if (c.job) mgr_.job_requeue(std::move(c.job));
   c.job_sent = false;
+  c.tls.reset();
+  c.tp = nullptr;
   c.ph = phase::free;
   c.tx.clear();
+  c.wire.clear();
   c.app_out.clear();
   c.rcpts.clear();
-  if (c.tx.capacity() > cfg_.tuning.buffer_keep) std::string().swap(c.tx);
+  for (std::string* b : {&c.tx, &c.wire, &c.app_out})
+    if (b->capacity() > cfg_.tuning.buffer_keep) std::string().swap(*b);
   conns_.release(c.idx);
 }
 

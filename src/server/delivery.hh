@@ -31,6 +31,8 @@
 #include "src/core/reactor.hh"
 #include "src/queue/manager.hh"
 #include "src/smtp/client.hh"
+#include "tls/context.hh"
+#include "tls/transport.hh"
 
 namespace tern::server {
 
@@ -38,6 +40,7 @@ struct delivery_counters {
   uint64_t connections = 0, connect_failures = 0, messages_sent = 0;
   uint64_t delivered = 0, deferred = 0, bounced = 0;
   uint64_t loads = 0, load_failures = 0, segments_removed = 0;
+  uint64_t tls_handshakes = 0, tls_failures = 0;
 };
 
 class delivery final : private core::completion_handler {
@@ -93,7 +96,12 @@ class delivery final : private core::completion_handler {
     bool cancel_sent = false;
     smtp::client cl;
     net::transport* tp = nullptr;
-    std::string app_out, tx;
+    std::unique_ptr<tls::transport> tls;  // after STARTTLS
+    tls::context* tls_ctx = nullptr;       // this hop's client context (nullptr: no TLS)
+    // Wire bytes: `tx` is what the send in flight points into and is never touched while
+    // that send runs; everything produced meanwhile (client output through the transport,
+    // TLS handshake bytes) goes to `wire`, which send_tx() moves over when tx is done.
+    std::string app_out, tx, wire;
     size_t tx_off = 0;
     std::unique_ptr<queue::job> job;
     bool job_sent = false;  // job given to the client: its results are the job's
@@ -139,6 +147,9 @@ class delivery final : private core::completion_handler {
   uint64_t now_us() const;
   uint64_t stage_timeout_ms(smtp::client_stage s) const;
   smtp::client_config client_config_for(const config::next_hop& hop) const;
+  tls::context* tls_context_for(const config::next_hop& hop) const;
+  void start_tls(oconn& c);
+  void check_tls(oconn& c);
 
   core::reactor& rx_;
   const config::config& cfg_;
@@ -155,6 +166,8 @@ class delivery final : private core::completion_handler {
   bool stopping_ = false;
   std::vector<uint32_t> idle_;  // established connections without a job
   std::unordered_map<std::string, std::string> password_cache_;
+  // One client TLS context per (minimum version, CA file) in use: the hops' policies.
+  std::unordered_map<std::string, std::unique_ptr<tls::context>> tls_ctx_;
   struct piece {
     bool ok = true;
     std::string segment;
