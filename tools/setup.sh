@@ -29,6 +29,8 @@ pkgs=(
   liburing-dev libwolfssl-dev libmimalloc-dev libdpdk-dev libtomlplusplus-dev
   libcli11-dev libfmt-dev libsystemd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  # DNS for delivery (src/dns): c-ares, and dnsmasq as the real DNS server of its tests
+  libc-ares-dev dnsmasq-base
   # real clients and peers for the integration tests and benchmarks
   python3 python3-pytest swaks postfix haproxy keepalived iproute2 util-linux procps
   # the power-loss test's FUSE file system (tests/fuse): library to build, fusermount3 to run
