@@ -21,6 +21,7 @@
 #include "src/config/config.hh"
 #include "src/core/log.hh"
 #include "src/server/shard.hh"
+#include "src/dns/resolver.hh"
 #include "tls/context.hh"
 #include "tern_build.hh"
 
@@ -137,6 +138,24 @@ int run(const config::config& cfg) {
   for (auto& q : queue) per_shard[owner_of(q.segment)].push_back(std::move(q));
   for (auto& k : rep.kept_segments) kept[owner_of(k)].push_back(k);
   queue.clear();
+  // One resolver thread for the process, only when some next hop is a name.
+  std::unique_ptr<dns::resolver> resolver;
+  bool names = false;
+  for (const auto& h : cfg.smarthosts) names = names || !h.host_is_ip;
+  for (const auto& r : cfg.routes) names = names || !r.hop.host_is_ip;
+  if (names) {
+    dns::options o;
+    o.servers = cfg.dns.servers;
+    o.use_hosts = cfg.dns.use_hosts;
+    o.query_timeout = std::chrono::milliseconds(cfg.dns.timeout_ms);
+    o.tries = cfg.dns.tries;
+    resolver = std::make_unique<dns::resolver>();
+    std::string derr;
+    if (!resolver->start(o, derr)) {
+      log::error("dns: {}", derr);
+      return 1;
+    }
+  }
   std::vector<std::unique_ptr<server::shard>> shards;
   std::vector<std::thread> threads;
   std::vector<std::promise<std::string>> ready(nshards);
@@ -150,6 +169,7 @@ int run(const config::config& cfg) {
     su.segment_floor_id = rep.max_segment_id;
     su.recovered = std::move(per_shard[s]);
     su.kept_segments = std::move(kept[s]);
+    su.resolver = resolver.get();
     shards.push_back(std::make_unique<server::shard>(std::move(su)));
   }
   for (unsigned s = 0; s < nshards; ++s) {
@@ -248,6 +268,7 @@ int run(const config::config& cfg) {
     log::info("ternd stopped: {} connection(s), {} message(s) queued in this run, {} recipient(s) delivered, "
               "{} message(s) left in the queue",
               conns, msgs, sent, left);
+  if (resolver) resolver->stop();  // answers still in flight go to inboxes nobody reads
   shards.clear();
   tls::library_cleanup();
   return failed ? 1 : 0;

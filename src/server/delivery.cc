@@ -24,6 +24,9 @@ using smtp::client_stage;
 // Bytes of content queued for the socket before produce() waits for sends to drain.
 constexpr size_t body_window = 256 * 1024;
 constexpr uint32_t max_loads = 64;  // reads of spool records in flight at once
+// DNS lookups in flight per shard: each answer takes an inbox entry (64), and stats and
+// stop requests must still fit.
+constexpr uint32_t max_dns = 16;
 
 const char* state_word(spool::rcpt_state s) {
   switch (s) {
@@ -215,7 +218,8 @@ void delivery::pump() {
       ++i;
     }
     queue::connect_request cr;
-    while (conns_.free_count() > 0 && mgr_.next_connect(rx_.now_ms(), now, cr)) open_connection(cr);
+    while (conns_.free_count() > 0 && dns_inflight_ < max_dns && mgr_.next_connect(rx_.now_ms(), now, cr))
+      open_connection(cr);
   }
   log_results();
   write_records();
@@ -251,7 +255,7 @@ void delivery::begin_stop() {
     if (c.ph == phase::live && !c.job) {
       c.cl.quit();
       drive(c);
-    } else if (c.ph == phase::connecting) {
+    } else if (c.ph == phase::connecting || c.ph == phase::resolving) {
       fail_connection(c, "4.3.2", "ternd is stopping");
     }
   }
@@ -261,7 +265,7 @@ void delivery::begin_stop() {
 bool delivery::idle() const {
   // Connections, reads and the spool records of finished rounds. A connection in the middle
   // of a message is given the shard's shutdown deadline like an inbound session.
-  return conns_.in_use() == 0 && loads_.in_use() == 0 && !unlink_inflight_;
+  return conns_.in_use() == 0 && loads_.in_use() == 0 && !unlink_inflight_ && dns_inflight_ == 0;
 }
 
 void delivery::write_records() {
@@ -437,8 +441,9 @@ void delivery::start_tls(oconn& c) {
   if (ctx) {
     tls::peer_options po;
     po.policy = hop.tls == config::tls_policy::verify ? tls::verify_policy::verify : tls::verify_policy::encrypt;
-    if (!hop.host_is_ip) po.sni = hop.host;  // never an IP literal as SNI (RFC 6066 3)
-    po.verify_name = hop.verify_name.empty() ? hop.host : hop.verify_name;
+    if (!hop.host_is_ip) po.sni = c.peer_name;  // never an IP literal as SNI (RFC 6066 3)
+    // The configured name, else the host connected to (for MX: the MX host's name).
+    po.verify_name = hop.verify_name.empty() ? c.peer_name : hop.verify_name;
     po.destination = hop.host + ":" + std::to_string(hop.port);
     c.tls = tls::transport::client(*ctx, po, err);
   } else {
@@ -471,59 +476,28 @@ void delivery::check_tls(oconn& c) {
   c.cl.tls_done(true);
 }
 
+struct delivery::dns_wait {
+  delivery* d;
+  uint32_t idx, gen;
+  dns::result r;
+};
+
 void delivery::open_connection(const queue::connect_request& req) {
   const config::next_hop& hop = *req.hop;
-  std::string why;
-  net::address a;
-  if (!hop.host_is_ip) {
-    // Names need the resolver (src/dns): not wired into the shard yet.
-    mgr_.connect_failed(req.dest, req.host, "4.4.3",
-                        "cannot resolve " + hop.host + ": name resolution is not available in this build",
-                        rx_.now_ms(), now_us());
-    ++ctr_.connect_failures;
-    return;
-  }
-  auto parsed = net::address::from_ip(hop.host, hop.port);
-  if (!parsed) {
-    mgr_.connect_failed(req.dest, req.host, "4.4.1", "bad address " + hop.host, rx_.now_ms(), now_us());
-    return;
-  }
-  a = *parsed;
-  int fd = ::socket(a.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    mgr_.connect_failed(req.dest, req.host, "4.3.0", std::string("socket: ") + strerror(errno), rx_.now_ms(),
-                        now_us());
-    return;
-  }
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  if (!hop.source_address.empty()) {
-    auto src = net::address::from_ip(hop.source_address, 0);
-    if (!src || src->family() != a.family() ||
-        ::bind(fd, reinterpret_cast<const sockaddr*>(&src->ss), src->len) != 0) {
-      std::string e = src && src->family() != a.family() ? "address family differs" : strerror(errno);
-      ::close(fd);
-      mgr_.connect_failed(req.dest, req.host, "4.3.0", "bind to source_address " + hop.source_address + ": " + e,
-                          rx_.now_ms(), now_us());
-      return;
-    }
-  }
   uint32_t idx = 0;
   oconn* cp = conns_.acquire(idx);
   if (!cp) {  // checked by the caller
-    ::close(fd);
+    mgr_.connect_failed(req.dest, req.host, "4.3.2", "no free outbound connection slot", rx_.now_ms(), now_us());
     return;
   }
   oconn& c = *cp;
-  c.fd = fd;
-  c.ph = phase::connecting;
+  c.fd = -1;
   c.dest = req.dest;
   c.host = req.host;
   c.hop = &hop;
-  c.addr = a;
-  c.relay = hop.host + "[" + a.ip() + "]:" + std::to_string(hop.port);
-  c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = false;
-  c.connect_inflight = true;
+  c.peer_name = hop.host;
+  c.relay = hop.host + "[?]:" + std::to_string(hop.port);
+  c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = c.connect_inflight = false;
   c.tp = &net::plain_transport::instance();
   c.tls.reset();
   c.app_out.clear();
@@ -535,14 +509,123 @@ void delivery::open_connection(const queue::connect_request& req) {
   c.rcpts.clear();
   c.start_ms = c.ready_ms = rx_.now_ms();
   c.jobs = 0;
-  c.cl.reset(client_config_for(hop));
   c.tmr.data = ud::make(owner::outbound, 0, idx, c.gen);
-  c.deadline_ms = c.start_ms + uint64_t(cfg_.queue.connect_timeout_s) * 1000;
-  rx_.timers().arm(c.tmr, c.deadline_ms);
   ++ctr_.connections;
+  if (hop.host_is_ip) {
+    auto a = net::address::from_ip(hop.host, hop.port);
+    if (!a) {
+      fail_connection(c, "4.4.1", "bad address " + hop.host);
+      return;
+    }
+    connect_to(c, *a);
+    return;
+  }
+  // A name: ask the resolver (its own thread); the answer comes back through the inbox.
+  if (!resolver_ || !post_) {
+    fail_connection(c, "4.4.3", "cannot resolve " + hop.host + ": no resolver");
+    return;
+  }
+  c.ph = phase::resolving;
+  c.deadline_ms = c.start_ms + uint64_t(cfg_.queue.connect_timeout_s) * 1000 + uint64_t(cfg_.dns.timeout_ms) *
+                                                                                   cfg_.dns.tries * 2;
+  rx_.timers().arm(c.tmr, c.deadline_ms);
+  auto* w = new dns_wait{this, idx, c.gen, {}};
+  ++dns_inflight_;
+  auto cb = [](void* ctx, dns::result&& r) {
+    auto* w = static_cast<dns_wait*>(ctx);
+    w->r = std::move(r);
+    // On the resolver thread: hand the answer to the shard. Its inbox has room by
+    // construction (max_dns); if a burst of control posts filled it, wait a little.
+    for (int i = 0; i < 100000; ++i) {
+      if (w->d->post_(w->d->post_owner_, w)) return;
+      sched_yield();
+    }
+    // The shard is gone (stopped past its deadline): nobody will read this answer.
+  };
+  auto sub = resolver_->lookup(hop.host, hop.mx ? dns::kind::mx : dns::kind::address, cb, w);
+  if (sub == dns::submit::full || sub == dns::submit::stopped) {
+    --dns_inflight_;
+    delete w;
+    fail_connection(c, "4.4.3",
+                    "cannot resolve " + hop.host + ": " + (sub == dns::submit::full ? "resolver busy" : "resolver stopped"));
+  }
+}
+
+void delivery::dns_arrived(void* arg) {
+  auto* w = static_cast<dns_wait*>(arg);
+  w->d->on_dns(w);
+}
+
+void delivery::on_dns(dns_wait* w) {
+  std::unique_ptr<dns_wait> own(w);
+  if (dns_inflight_) --dns_inflight_;
+  oconn* cp = conns_.find(w->idx, w->gen);
+  if (!cp || cp->ph != phase::resolving) return;  // timed out or stopped meanwhile
+  oconn& c = *cp;
+  const dns::result& r = w->r;
+  // The address to use: the first of the name's; with mx = true, the first address of the
+  // most preferred MX host that has one (and that host's name is the one TLS verifies).
+  const net::address* pick = nullptr;
+  if (r.st == dns::status::ok) {
+    if (r.k == dns::kind::mx) {
+      for (const auto& h : r.mx)
+        if (!h.addresses.empty()) {
+          pick = &h.addresses.front().addr;
+          c.peer_name = h.name;
+          break;
+        }
+    } else if (!r.addresses.empty()) {
+      pick = &r.addresses.front().addr;
+    }
+  }
+  if (!pick) {
+    ++ctr_.dns_failures;
+    // postfix: "Host or domain name not found. Name service error for name=... type=A: ..."
+    const char* dsn = r.st == dns::status::nxdomain || r.st == dns::status::nodata || r.st == dns::status::null_mx
+                          ? "4.4.4"
+                          : "4.4.3";
+    log::warn("delivery: {} ({}): {}", c.hop->host, routes_[c.dest].name, r.text);
+    fail_connection(c, dsn, "Host or domain name not found. Name service error: " + r.text);
+    return;
+  }
+  auto a = net::address::from_ip(pick->ip(), c.hop->port);
+  if (!a) {
+    fail_connection(c, "4.4.3", "bad address from DNS for " + c.hop->host);
+    return;
+  }
+  connect_to(c, *a);
+}
+
+void delivery::connect_to(oconn& c, const net::address& a) {
+  const config::next_hop& hop = *c.hop;
+  c.addr = a;
+  c.relay = c.peer_name + "[" + a.ip() + "]:" + std::to_string(hop.port);
+  int fd = ::socket(a.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    fail_connection(c, "4.3.0", std::string("socket: ") + strerror(errno));
+    return;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (!hop.source_address.empty()) {
+    auto src = net::address::from_ip(hop.source_address, 0);
+    if (!src || src->family() != a.family() ||
+        ::bind(fd, reinterpret_cast<const sockaddr*>(&src->ss), src->len) != 0) {
+      std::string e = src && src->family() != a.family() ? "address family differs" : strerror(errno);
+      ::close(fd);
+      fail_connection(c, "4.3.0", "bind to source_address " + hop.source_address + ": " + e);
+      return;
+    }
+  }
+  c.fd = fd;
+  c.ph = phase::connecting;
+  c.connect_inflight = true;
+  c.cl.reset(client_config_for(hop));
+  c.deadline_ms = rx_.now_ms() + uint64_t(cfg_.queue.connect_timeout_s) * 1000;
+  rx_.timers().arm(c.tmr, c.deadline_ms);
   auto* s = rx_.get_sqe();
   io_uring_prep_connect(s, fd, reinterpret_cast<const sockaddr*>(&c.addr.ss), c.addr.len);
-  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_connect, idx, c.gen));
+  io_uring_sqe_set_data64(s, ud::make(owner::outbound, op_connect, c.idx, c.gen));
 }
 
 void delivery::on_completion(const io_uring_cqe& cqe) {
@@ -877,6 +960,10 @@ void delivery::on_timer(core::timer& t) {
   oconn* cp = conns_.find(ud::index(t.data), ud::gen(t.data));
   if (!cp) return;
   oconn& c = *cp;
+  if (c.ph == phase::resolving) {
+    fail_connection(c, "4.4.3", "cannot resolve " + c.hop->host + ": no answer in time");
+    return;
+  }
   if (c.ph == phase::connecting) {
     fail_connection(c, "4.4.1", "connect to " + c.relay + ": Connection timed out");
     return;

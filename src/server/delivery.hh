@@ -28,6 +28,7 @@
 #include "spool/recovery.hh"
 #include "spool/writer.hh"
 #include "src/config/config.hh"
+#include "src/dns/resolver.hh"
 #include "src/core/reactor.hh"
 #include "src/queue/manager.hh"
 #include "src/smtp/client.hh"
@@ -40,7 +41,7 @@ struct delivery_counters {
   uint64_t connections = 0, connect_failures = 0, messages_sent = 0;
   uint64_t delivered = 0, deferred = 0, bounced = 0;
   uint64_t loads = 0, load_failures = 0, segments_removed = 0;
-  uint64_t tls_handshakes = 0, tls_failures = 0;
+  uint64_t tls_handshakes = 0, tls_failures = 0, dns_failures = 0;
 };
 
 class delivery final : private core::completion_handler {
@@ -49,6 +50,9 @@ class delivery final : private core::completion_handler {
   static constexpr uint64_t token_bit = uint64_t(1) << 63;
   static constexpr uint64_t last_piece = uint64_t(1) << 62;   // the round's last record
   static constexpr uint64_t first_piece = uint64_t(1) << 61;  // its first (where a copy landed)
+
+  // Hands a DNS answer to this shard's thread (its inbox); false when the inbox is full.
+  using poster = bool (*)(void* owner, void* arg);
 
   delivery(core::reactor& rx, const config::config& cfg, uint32_t shard, spool::writer& w);
   ~delivery() override;
@@ -59,6 +63,15 @@ class delivery final : private core::completion_handler {
   // messages and the segments that recovery kept.
   bool init(std::vector<spool::queued_message> recovered, const std::vector<std::string>& kept_segments,
             std::string& err);
+  // Name resolution: the process's resolver (may be null: names then fail as deferrals)
+  // and how its answers come back to this thread.
+  void set_resolver(dns::resolver* r, poster post, void* owner) noexcept {
+    resolver_ = r;
+    post_ = post;
+    post_owner_ = owner;
+  }
+  // On the shard thread: a DNS answer posted by poster (arg is what the callback got).
+  static void dns_arrived(void* arg);
 
   // A message got its 250: its record is durable at (segment, offset). `record` is the
   // session's record (for its id and arrival time).
@@ -79,7 +92,7 @@ class delivery final : private core::completion_handler {
  private:
   enum op : unsigned { op_connect = 1, op_recv = 2, op_send = 3, op_close = 4, op_open = 5, op_read = 6,
                        op_unlink = 7, op_dirsync = 8 };
-  enum class phase : uint8_t { free, connecting, live, closing };
+  enum class phase : uint8_t { free, resolving, connecting, live, closing };
 
   struct oconn final : net::byte_sink {
     uint32_t gen = 0;
@@ -91,6 +104,7 @@ class delivery final : private core::completion_handler {
     const config::next_hop* hop = nullptr;
     net::address addr;
     std::string relay;  // "host[ip]:port" for logs
+    std::string peer_name;  // the host name connected to (the MX host with mx = true)
     bool established = false;  // reached idle once (greeting, EHLO, TLS, AUTH done)
     bool connect_inflight = false, recv_armed = false, send_inflight = false, close_sent = false;
     bool cancel_sent = false;
@@ -130,6 +144,9 @@ class delivery final : private core::completion_handler {
   void end_load(uint32_t li, bool ok, const std::string& err);
   // Connections.
   void open_connection(const queue::connect_request& req);
+  void connect_to(oconn& c, const net::address& a);
+  struct dns_wait;
+  void on_dns(dns_wait* w);
   void on_connect(oconn& c, int res);
   void on_recv(oconn& c, const io_uring_cqe& cqe);
   void on_send(oconn& c, int res);
@@ -161,6 +178,10 @@ class delivery final : private core::completion_handler {
   core::slot_table<load> loads_;
   std::unordered_map<std::string, int> seg_fds_;  // read-only fds of segments with queued mail
   int dir_fd_ = -1;
+  dns::resolver* resolver_ = nullptr;
+  poster post_ = nullptr;
+  void* post_owner_ = nullptr;
+  uint32_t dns_inflight_ = 0;  // bounded: answers must fit the shard's inbox
   std::string unlinking_;  // the segment being removed (its name outlives the SQE)
   bool unlink_inflight_ = false;
   bool stopping_ = false;

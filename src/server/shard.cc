@@ -105,6 +105,12 @@ bool shard::init(std::string& err) {
     return false;
   }
   delivery_ = std::make_unique<delivery>(*rx_, cfg_, setup_.index, writer_);
+  delivery_->set_resolver(setup_.resolver, [](void* self, void* arg) -> bool {
+    control_msg m;
+    m.fn = [](void* a, shard&) { delivery::dns_arrived(a); };
+    m.arg = arg;
+    return static_cast<shard*>(self)->post(m);
+  }, this);
   if (!delivery_->init(std::move(setup_.recovered), setup_.kept_segments, err)) return false;
   setup_.recovered.clear();
   setup_.kept_segments.clear();

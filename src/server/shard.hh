@@ -76,6 +76,7 @@ struct shard_setup {
   // The recovered queue this shard delivers, and the segments it tracks for reclamation.
   std::vector<spool::queued_message> recovered;
   std::vector<std::string> kept_segments;
+  dns::resolver* resolver = nullptr;  // the process's (outlives the shard's loop)
 };
 
 // A cross-thread request to a shard: run `fn(arg, shard)` on the shard's thread. The
