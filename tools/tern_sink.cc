@@ -79,7 +79,10 @@ struct options {
   uint32_t max_rcpts = 1000;             // --max-rcpts: recipients per message
   uint32_t timeout = 300;                // --timeout: idle seconds (and send progress)
   uint32_t output_buffer = 256 * 1024;   // --output-buffer: unsent replies before reading stops
-  uint32_t input_buffer = 1024 * 1024;   // --input-buffer: unprocessed input before a close
+  // --input-buffer: unprocessed input before a close. Reading stops when output backs up,
+  // but a multishot receive can deliver up to a ring's worth (recv_buffers x size) before
+  // its cancel lands: the default leaves room for that.
+  uint32_t input_buffer = 8u << 20;
   uint32_t recv_buffers = 256;           // --recv-buffers: provided buffers per thread
   uint32_t recv_buffer_size = 16384;     // --recv-buffer-size
   uint32_t buffer_keep = 64 * 1024;      // capacity a freed slot keeps per buffer
@@ -485,6 +488,7 @@ void worker::on_recv(conn& c, const io_uring_cqe& cqe) {
   } else {
     c.lost = true;  // EOF or a socket error: nobody reads what is left to say
     begin_close(c);
+    maybe_finish_close(c);
     return;
   }
   if (!c.recv_armed) {
@@ -542,6 +546,7 @@ size_t worker::consume(conn& c, const char* p, size_t n) {
     // Back-pressure: no more commands while the replies are not being read.
     if (c.unsent() >= o_.output_buffer) {
       c.paused = true;
+      bump(ctr_.output_paused);
       break;
     }
     const char* lf = static_cast<const char*>(memchr(p + pos, '\n', n - pos));
