@@ -176,6 +176,7 @@ struct global {
   std::atomic<uint64_t> messages{0};  // all threads, for --max-messages
   uint64_t start_ms = 0;
   bool tls_available = false;
+  rule greeting;  // --greeting, parsed once
   std::string ehlo_reply;  // precomputed capabilities (after the first line)
 };
 
@@ -443,9 +444,7 @@ void worker::on_accept(uint32_t li, const io_uring_cqe& cqe) {
   rx_.timers().arm(c.tmr, c.last_ms + uint64_t(o_.timeout) * 1000);
   // The greeting.
   if (!o_.greeting.empty()) {
-    rule r;
-    std::string err;
-    parse_reply(o_.greeting, r, err);  // validated at start
+    const rule& r = g_.greeting;
     reply(c, r.reply);
     if (r.code >= 400) {
       c.state = st::refusing;  // RFC 5321 3.1: 503 to everything but QUIT
@@ -727,7 +726,7 @@ void worker::command(conn& c, std::string_view line) {
 
 void worker::starttls(conn& c) {
   if (!g_.tls_available) return reply(c, "454 4.7.0 TLS not available\r\n");
-  if (c.tls) return c.errors++, reply(c, "503 5.5.1 TLS already active\r\n");
+  if (c.tls) return reply(c, "503 5.5.1 TLS already active\r\n");
   std::unique_ptr<net::transport> t = make_server_tls_transport(o_);
   if (!t) return reply(c, "454 4.7.0 TLS not available\r\n");
   // The 220 leaves in plaintext, through the old transport, before anything of the new one
@@ -735,7 +734,7 @@ void worker::starttls(conn& c) {
   reply(c, "220 2.0.0 Ready to start TLS\r\n");
   std::string wire;
   if (c.tp->on_send(c.app_out, wire) != net::transport_status::ok) return abort(c);
-  c.wire_next.insert(0, wire);
+  c.wire_next.append(wire);
   c.tls = std::move(t);
   c.tp = c.tls.get();
   // RFC 3207 4.2: the session starts over, and the client's pipelined plaintext after the
@@ -746,13 +745,15 @@ void worker::starttls(conn& c) {
 }
 
 bool worker::save(conn& c, const std::vector<const rule*>& outcome, std::string& err) {
+  // LMTP: one outcome per recipient; SMTP: one for the message (saved only if accepted).
+  auto refused = [&](size_t i) { return o_.lmtp && outcome[i] && outcome[i]->code >= 300; };
   hdr_.clear();
   hdr_.append("X-Sink-Mail-From: <");
   append_sanitised(hdr_, c.from);
   hdr_.append(">\n");
   std::string_view rb = c.rcpt_buf;
   for (size_t i = 0; i < c.rcpts.size(); ++i) {
-    if (outcome[i] && outcome[i]->code >= 300) continue;
+    if (refused(i)) continue;
     hdr_.append("X-Sink-Rcpt-To: <");
     append_sanitised(hdr_, rb.substr(c.rcpts[i].addr_off, c.rcpts[i].addr_len));
     hdr_.append(">\n");
@@ -761,7 +762,7 @@ bool worker::save(conn& c, const std::vector<const rule*>& outcome, std::string&
   if (!c.mail_params.empty()) hdr_.append(" "), append_sanitised(hdr_, c.mail_params);
   hdr_.append("\n");
   for (size_t i = 0; i < c.rcpts.size(); ++i) {
-    if (outcome[i] && outcome[i]->code >= 300) continue;
+    if (refused(i)) continue;
     hdr_.append("X-Sink-Params: RCPT <");
     append_sanitised(hdr_, rb.substr(c.rcpts[i].addr_off, c.rcpts[i].addr_len));
     hdr_.append(">");
@@ -820,11 +821,9 @@ void worker::end_of_data(conn& c) {
   const uint64_t bytes = c.dec.size();
   if (c.dec.too_big()) {
     bump(ctr_.messages_refused);
-    reset_transaction(c);
-    if (o_.lmtp)
-      for (size_t i = 0, n = c.rcpts.size(); i < n; ++i) reply(c, "552 5.3.4 Message size exceeds fixed limit\r\n");
-    else
+    for (size_t i = 0, n = o_.lmtp ? c.rcpts.size() : 1; i < n; ++i)
       reply(c, "552 5.3.4 Message size exceeds fixed limit\r\n");
+    reset_transaction(c);
     return;
   }
   const rule* dr = match_data(c);
@@ -1114,8 +1113,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (!o.greeting.empty()) {
-    rule r;
-    if (!parse_reply(o.greeting, r, err)) {
+    if (!parse_reply(o.greeting, g.greeting, err)) {
       fmt::print(stderr, "tern-sink: --greeting: {}\n", err);
       return 2;
     }

@@ -342,3 +342,45 @@ def test_idle_timeout_says_421(sink_factory):
     with socket.create_connection((s.host, s.port), timeout=10) as c:
         out = read_until_closed(c)
     assert out.startswith(b"220 ") and out.endswith(b"421 4.4.2 Idle timeout, closing connection\r\n")
+
+
+def test_threads_share_the_port_and_the_counters(sink_factory):
+    s = sink_factory("--threads", "2", "--max-messages", "200")
+    r = subprocess.run([TERN_LOAD, "--host", s.host, "--port", str(s.port), "-s", "20", "-m", "200", "-l", "300",
+                        "-n", "5", "--timeout", "30"], capture_output=True, text=True, timeout=60)
+    assert "accepted=200" in r.stdout, r.stdout + r.stderr
+    assert s.proc.wait(15) == 0, s.err()
+    n = s.counters()
+    assert n["messages"] == "200" and int(n["connections"]) >= 40, s.err()
+
+
+def test_sequence_errors_and_too_many_errors(sink_factory):
+    s = sink_factory("--max-errors", "3")
+    out = smtp_dialogue(s.port, [b"MAIL FROM:<a@x>\r\n", b"HELO c\r\n", b"RCPT TO:<b@y>\r\n", b"DATA\r\n"])
+    assert b"503 5.5.1 Send HELO/EHLO first" in out
+    assert b"503 5.5.1 Need MAIL command" in out
+    assert out.endswith(b"421 4.7.0 Too many errors\r\n"), out
+    # No recipient accepted: DATA is refused, not 354.
+    out = smtp_dialogue(s.port, [b"HELO c\r\n", b"MAIL FROM:<a@x>\r\n", b"DATA\r\n", b"QUIT\r\n"])
+    assert b"554 5.5.1 No valid recipients" in out and b"354" not in out
+
+
+def test_bad_rule_is_a_startup_error(sink_factory):
+    s = sink_factory("--rcpt", "no-code-here", start=False)
+    r = subprocess.run(s.args, capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "PATTERN=CODE TEXT" in r.stderr
+
+
+def test_lmtp_too_big_message_gets_one_552_per_recipient(sink_factory):
+    s = sink_factory("--lmtp", "--size", "1000")
+    c = smtplib.LMTP(s.host, s.port)
+    try:
+        c.ehlo()
+        c.mail("a@x.test")
+        for r in ("b@y.test", "c@y.test", "d@y.test"):
+            assert c.rcpt(r)[0] == 250
+        assert c.data(b"z" * 3000 + b"\r\n")[0] == 552
+        assert [c.getreply()[0] for _ in range(2)] == [552, 552]
+        assert c.noop()[0] == 250  # in step: nothing more was queued
+    finally:
+        c.close()
