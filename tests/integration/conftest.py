@@ -197,10 +197,11 @@ class Sink:
         self.proc = None
         self.port = None
         self.host = None
+        self.env = None  # None: the test's environment
 
     def start(self, timeout=10):
         self.errf = open(self.errpath, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.errf, cwd=self.tmp)
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.errf, cwd=self.tmp, env=self.env)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("tern-sink: listening on "):
             self.proc.wait(timeout)

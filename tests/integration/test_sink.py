@@ -384,3 +384,50 @@ def test_lmtp_too_big_message_gets_one_552_per_recipient(sink_factory):
         assert c.noop()[0] == 250  # in step: nothing more was queued
     finally:
         c.close()
+
+
+MALLOC_COUNTER = r"""
+#define _GNU_SOURCE
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+extern void* __libc_malloc(size_t);
+extern void* __libc_calloc(size_t, size_t);
+extern void* __libc_realloc(void*, size_t);
+static atomic_ulong n;
+void* malloc(size_t s) { atomic_fetch_add(&n, 1); return __libc_malloc(s); }
+void* calloc(size_t a, size_t b) { atomic_fetch_add(&n, 1); return __libc_calloc(a, b); }
+void* realloc(void* p, size_t s) { atomic_fetch_add(&n, 1); return __libc_realloc(p, s); }
+__attribute__((destructor)) static void report(void) {
+  char b[64];
+  int k = snprintf(b, sizeof b, "mallocs=%lu\n", (unsigned long)atomic_load(&n));
+  (void)!write(2, b, k);
+}
+"""
+
+
+@pytest.mark.skipif(os.environ.get("TERN_VARIANT") == "asan", reason="the sanitizers own malloc")
+@pytest.mark.parametrize("save", [False, True])
+def test_steady_state_allocates_nothing_per_message(sink_factory, tmp_path, save):
+    """Heap allocations (malloc/calloc/realloc, counted by an LD_PRELOAD shim) must not grow
+    with the number of messages on one connection: 100 and 2000 messages cost the same."""
+    shim = tmp_path / "count.so"
+    src = tmp_path / "count.c"
+    src.write_text(MALLOC_COUNTER)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(src)], check=True)
+    counts = []
+    for m in (100, 2000):
+        (tmp_path / f"s{m}").mkdir(exist_ok=True)
+        extra = ["--save", str(save_dir(tmp_path / f"s{m}"))] if save else []
+        s = sink_factory(*extra, "--rcpt", "x*@*=550 5.1.1 no", "--data", "y*@*=554 5.7.1 no", start=False)
+        s.env = dict(os.environ, LD_PRELOAD=str(shim))
+        s.start()
+        r = subprocess.run([TERN_LOAD, "--host", s.host, "--port", str(s.port), "-s", "1", "-m", str(m), "-l", "4000",
+                            "-n", "100000", "-r", "3", "-p", "--timeout", "60"], capture_output=True, text=True,
+                           timeout=90)
+        assert f"accepted={m}" in r.stdout, r.stdout + r.stderr
+        assert s.stop() == 0
+        counts.append(int(s.err().split("mallocs=")[1].split()[0]))
+    print("mallocs for 100 and 2000 messages:", counts)
+    assert counts[1] - counts[0] < 50, counts
