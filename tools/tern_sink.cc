@@ -315,8 +315,11 @@ class worker final : core::completion_handler, core::loop_hooks {
   unsigned index_;
   std::vector<int> listen_fds_;
   std::vector<bool> accept_armed_;
-  core::reactor rx_;
+  // Declared before the reactor so that it goes after it: the ring (whose SQEs may point
+  // into the slots' send buffers) is torn down first. Armed timers are unlinked by the
+  // wheel's destructor.
   core::slot_table<conn> slots_;
+  core::reactor rx_;
   counters ctr_;
   std::mt19937_64 rng_;
   std::string scratch_, logbuf_, hdr_;
