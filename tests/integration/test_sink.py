@@ -431,3 +431,19 @@ def test_steady_state_allocates_nothing_per_message(sink_factory, tmp_path, save
         counts.append(int(s.err().split("mallocs=")[1].split()[0]))
     print("mallocs for 100 and 2000 messages:", counts)
     assert counts[1] - counts[0] < 50, counts
+
+
+def test_smtp_source_and_lmtp_smtp_source(sink_factory):
+    """postfix's own load client, in SMTP and in LMTP mode (-L), one message per session."""
+    s = sink_factory()
+    r = subprocess.run(["smtp-source", "-s", "10", "-m", "200", "-l", "2048", f"{s.host}:{s.port}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    n = stop_counters(s)
+    assert n["messages"] == "200" and n["connections"] == "200", s.err()
+    s = sink_factory("--lmtp")
+    r = subprocess.run(["smtp-source", "-L", "-s", "5", "-m", "50", "-r", "3", f"{s.host}:{s.port}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    n = stop_counters(s)
+    assert n["messages"] == "50" and n["rcpts_accepted"] == "150", s.err()
