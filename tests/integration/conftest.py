@@ -181,3 +181,75 @@ def read_until_closed(s, timeout=10):
         if not chunk:
             return data
         data += chunk
+
+
+TERN_SINK = str(BUILD / "tools/tern-sink")
+
+
+class Sink:
+    """One tern-sink process (tools/tern_sink.cc) on a loopback port 0; the port is read
+    from its `tern-sink: listening on ADDR` line. Its stderr (the counters) is kept."""
+
+    def __init__(self, tmp: Path, args=(), listen="127.0.0.1:0"):
+        self.tmp = tmp
+        self.args = [TERN_SINK, "--listen", listen] + list(args)
+        self.errpath = tmp / "tern-sink.err"
+        self.proc = None
+        self.port = None
+        self.host = None
+        self.env = None  # None: the test's environment
+
+    def start(self, timeout=10):
+        self.errf = open(self.errpath, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.errf, cwd=self.tmp, env=self.env)
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("tern-sink: listening on "):
+            self.proc.wait(timeout)
+            raise RuntimeError(f"tern-sink did not start: {line!r}\n{self.err()}")
+        addr = line.split("listening on ", 1)[1].strip()
+        host, port = addr.rsplit(":", 1)
+        self.host, self.port = host.strip("[]"), int(port)
+        return self
+
+    def stdout_lines(self):
+        """What the sink printed after the listening line (--log), once it has exited."""
+        return self.proc.stdout.read().decode(errors="replace").splitlines()
+
+    def err(self):
+        return self.errpath.read_text(errors="replace") if self.errpath.exists() else ""
+
+    def counters(self, text=None):
+        """The last counters line as a dict (`tern-sink: WHAT: k=v ...`)."""
+        lines = [l for l in (text or self.err()).splitlines() if l.startswith("tern-sink: ") and "connections=" in l]
+        if not lines:
+            return {}
+        return dict(kv.split("=", 1) for kv in lines[-1].split() if "=" in kv)
+
+    def stop(self, timeout=20):
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("tern-sink did not stop on SIGTERM:\n" + self.err())
+
+
+@pytest.fixture
+def sink_factory(tmp_path):
+    started = []
+
+    def make(*args, listen="127.0.0.1:0", start=True):
+        d = tmp_path / f"sink{len(started)}"
+        d.mkdir()
+        s = Sink(d, args, listen)
+        started.append(s)
+        return s.start() if start else s
+
+    yield make
+    for s in started:
+        if s.proc and s.proc.poll() is None:
+            rc = s.stop()
+            assert rc == 0, f"tern-sink exited {rc} on SIGTERM (sanitizer report?):\n{s.err()[-4000:]}"
