@@ -527,7 +527,10 @@ bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<con
   original.reserve(headers_only ? 4096 : m.content.size() + m.content.size() / 64 + 2);
   copy_original(original, m.content, headers_only);
 
-  // --- the boundary: absent from every part it encloses ---
+  // The only untrusted text in the top-level header section.
+  const std::string to_addr = sanitize_field(m.mail_from, maxf, global);
+
+  // --- the boundary: absent from every part it encloses (and from To:, for good measure) ---
   std::string qid;
   for (char c : r.queue_id.substr(0, 32))
     if ((c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z')) qid.push_back(c);
@@ -543,7 +546,7 @@ bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<con
       b += hex;
     }
     if (text.find(b) == std::string::npos && report.find(b) == std::string::npos &&
-        original.find(b) == std::string::npos) {
+        original.find(b) == std::string::npos && to_addr.find(b) == std::string::npos) {
       boundary = std::move(b);
       break;
     }
@@ -553,14 +556,14 @@ bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<con
   const bool text_8bit = !is_ascii(text);
   const bool report_8bit = !is_ascii(report);
   const bool original_8bit = !is_ascii(original);
-  const bool any_8bit = text_8bit || report_8bit || original_8bit || !is_ascii(m.mail_from);
+  const bool any_8bit = text_8bit || report_8bit || original_8bit || !is_ascii(to_addr);
 
   // --- assemble ---
   std::string& c = out.content;
   c.clear();
   c.reserve(text.size() + report.size() + original.size() + 2048);
   put_field(c, "From", "MAILER-DAEMON@" + host + " (Mail Delivery System)");
-  c += "To: <" + sanitize_field(m.mail_from, maxf, global) + ">\r\n";
+  c += "To: <" + to_addr + ">\r\n";
   put_field(c, "Subject", r.kind == dsn_kind::failure ? "Undelivered Mail Returned to Sender"
                           : r.kind == dsn_kind::delay ? "Delayed Mail (still being retried)"
                                                       : "Successful Mail Delivery Report");

@@ -689,7 +689,8 @@ TEST(Dsn, PythonEmailParserAgrees) {
   auto m = make_msg(k_content);
   m.envid = "ENV1";
   auto r = failed_rcpt();
-  r.diagnostic = "550 x\r\n\r\n--=_tern_" + std::string(dsn_id) + "\r\nContent-Type: text/html\r\n\r\n<b>";
+  std::string evil = "550 x\r\n\r\n--=_tern_" + std::string(dsn_id) + "\r\nContent-Type: text/html\r\n\r\n<b>";
+  r.diagnostic = evil;
   auto r2 = failed_rcpt("v@example.org");
   auto d = build_one(m, {r, r2}, dsn_kind::failure);
   char path[] = "/tmp/tern_dsn_XXXXXX";
@@ -726,4 +727,23 @@ TEST(Dsn, PythonEmailParserAgrees) {
             "3 dns; relay.example.net failed failed\n"
             "hello\n"
             "0\n");
+}
+
+// Found by dsn_fuzz: a sender holding the would-be boundary put it into To:; harmless for
+// MIME (headers of the enclosing entity), but the boundary now avoids every untrusted text.
+TEST(Dsn, BoundaryAvoidsTheSenderToo) {
+  std::string sender = "--=_tern_" + std::string(dsn_id) + "@example.com";
+  auto d = build_one(make_msg(k_content, sender), {failed_rcpt()}, dsn_kind::failure);
+  EXPECT_NE(d.boundary, "=_tern_" + std::string(dsn_id));
+  EXPECT_EQ(sender.find(d.boundary), std::string::npos);
+}
+
+// Found by dsn_fuzz: eight_bit was set from the raw sender although a non-SMTPUTF8 DSN
+// writes its 8-bit bytes as '?'; the flag must say what the DSN holds.
+TEST(Dsn, EightBitFlagDescribesTheDsnNotTheInput) {
+  auto d = build_one(make_msg(k_content, "j\xC3\xBCrgen@example.com"), {failed_rcpt()}, dsn_kind::failure);
+  EXPECT_FALSE(d.eight_bit);
+  EXPECT_FALSE(d.smtputf8);
+  for (unsigned char ch : d.content) ASSERT_LT(ch, 0x80);
+  EXPECT_EQ(d.recipient, "j\xC3\xBCrgen@example.com") << "the envelope keeps the address as it is";
 }
