@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 namespace tern::queue {
 
@@ -23,8 +24,13 @@ constexpr size_t max_ip_text = 64;
 constexpr int boundary_tries = 64;
 
 bool is_ascii(std::string_view s) noexcept {
-  for (unsigned char c : s)
-    if (c >= 0x80) return false;
+  // OR a block without an early exit so that the compiler vectorizes it.
+  for (size_t i = 0; i < s.size(); i += 4096) {
+    size_t m = std::min<size_t>(4096, s.size() - i);
+    unsigned char acc = 0;
+    for (size_t j = 0; j < m; ++j) acc |= static_cast<unsigned char>(s[i + j]);
+    if (acc & 0x80) return false;
+  }
   return true;
 }
 
@@ -269,26 +275,54 @@ size_t next_line(std::string_view s, size_t pos, std::string_view& line) noexcep
   return e;
 }
 
+// One line of the original (without its ending) where it needs rewriting. Returns false
+// at the end of the header section when only headers are wanted.
+bool put_original_line(std::string& out, std::string_view line, bool& in_headers, bool headers_only) {
+  if (in_headers) {
+    if (line.empty()) {
+      if (headers_only) return false;
+      in_headers = false;
+      out += crlf;
+      return true;
+    }
+    put_header_line(out, line);
+  } else {
+    put_body_line(out, line);
+  }
+  return true;
+}
+
 // The original as returned: CRLF line endings, long lines split; only the header section
-// (up to the first empty line) when headers_only.
+// (up to the first empty line) when headers_only. Lines that are already right (CRLF, no
+// other CR, at most 998 bytes: nearly all of them) are copied in runs, not one by one: a
+// 10 MB RET=FULL bounce runs on the shard's thread.
 void copy_original(std::string& out, std::string_view content, bool headers_only) {
+  const char* d = content.data();
+  const size_t n = content.size();
   bool in_headers = true;
   size_t pos = 0;
-  while (pos < content.size()) {
-    std::string_view line;
-    pos = next_line(content, pos, line);
-    if (in_headers) {
-      if (line.empty()) {
-        if (headers_only) return;
+  size_t run = 0;  // [run, pos) is clean and not copied yet
+  while (pos < n) {
+    const auto* nl = static_cast<const char*>(memchr(d + pos, '\n', n - pos));
+    size_t e = nl ? static_cast<size_t>(nl - d) : n;
+    bool has_crlf = nl && e > pos && d[e - 1] == '\r';
+    size_t t = has_crlf ? e - 1 : e;
+    bool clean = has_crlf && t - pos <= max_line && !memchr(d + pos, '\r', t - pos);
+    if (clean) {
+      if (in_headers && t == pos) {  // the empty line after the header section
+        if (headers_only) break;
         in_headers = false;
-        out += crlf;
-        continue;
       }
-      put_header_line(out, line);
-    } else {
-      put_body_line(out, line);
+      pos = e + 1;
+      continue;
     }
+    out.append(d + run, pos - run);
+    std::string_view line;
+    size_t next = next_line(content, pos, line);
+    run = pos = next;
+    if (!put_original_line(out, line, in_headers, headers_only)) return;
   }
+  out.append(d + run, pos - run);
 }
 
 uint64_t splitmix64(uint64_t x) noexcept {
@@ -335,6 +369,7 @@ std::string rfc5322_date(uint64_t us) {
 
 std::string sanitize_field(std::string_view s, size_t max, bool utf8) {
   std::string out;
+  out.reserve(std::min(s.size(), max));
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   size_t i = 0;
   while (i < s.size()) {

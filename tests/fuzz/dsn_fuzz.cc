@@ -166,7 +166,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     assert(known);
   }
   size_t p4 = p3 + delim.size();
-  check_fields(std::string_view(c).substr(p4), {"Content-Description: ", "Content-Type: ",
-                                                "Content-Transfer-Encoding: "});
+  size_t ret_body = p4 + check_fields(std::string_view(c).substr(p4), {"Content-Description: ", "Content-Type: ",
+                                                                       "Content-Transfer-Encoding: "});
+  // Content whose lines are already right comes back byte for byte when returned in full.
+  bool clean = content.size() >= 2 && content.substr(content.size() - 2) == "\r\n";
+  for (size_t i = 0, ls = 0; clean && i < content.size(); ++i) {
+    if (content[i] == '\r') clean = i + 1 < content.size() && content[i + 1] == '\n';
+    if (content[i] == '\n') {
+      clean = i > 0 && content[i - 1] == '\r' && i - 1 - ls <= 998;
+      ls = i + 1;
+    }
+  }
+  if (clean && !d.headers_only) {
+    std::string close = "\r\n--" + d.boundary + "--\r\n";
+    assert(c.size() >= ret_body + close.size());
+    assert(std::string_view(c).substr(ret_body, c.size() - close.size() - ret_body) == content);
+  }
   return 0;
 }

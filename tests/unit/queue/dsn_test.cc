@@ -663,6 +663,18 @@ TEST(Dsn, BareLineEndsInTheOriginalBecomeCrlf) {
   auto p = parse_dsn(d.content);
   ASSERT_EQ(p.parts.size(), 3u);
   EXPECT_EQ(p.parts[2].body, "Subject: a\r\nFrom: b@example.com\r\n\r\nline1\r\nline2\r\n");
+  // Headers only: a bare LF ends the header section as well.
+  auto m = make_msg(content);
+  m.ret = spool::dsn_ret::hdrs;
+  auto h = build_one(m, {failed_rcpt()}, dsn_kind::failure);
+  auto ph = parse_dsn(h.content);
+  ASSERT_EQ(ph.parts.size(), 3u);
+  EXPECT_EQ(ph.parts[2].body, "Subject: a\r\nFrom: b@example.com\r\n");
+  // A last line without any ending gets one.
+  auto t = build_one(make_msg("Subject: a\r\n\r\nno end"), {failed_rcpt()}, dsn_kind::failure);
+  auto pt = parse_dsn(t.content);
+  ASSERT_EQ(pt.parts.size(), 3u);
+  EXPECT_EQ(pt.parts[2].body, "Subject: a\r\n\r\nno end\r\n");
 }
 
 TEST(Dsn, BinaryMimeIsReturnedAsHeadersOnly) {
