@@ -23,7 +23,7 @@
 // unless SMTPUTF8), and is cut to max_field_text, so it can never start a header line or a
 // MIME part. The returned original is copied as is except that every line ending becomes
 // CRLF and lines over 998 bytes are split (header lines folded). The MIME boundary is
-// checked absent from every part it encloses.
+// checked absent from every part it encloses and from To:.
 //
 // Pure: no I/O, no clock (times are passed in), no global state.
 #include <cstdint>
@@ -100,7 +100,9 @@ struct dsn_request {
 struct dsn_message {
   std::string sender;     // always empty: a DSN has the null reverse-path (RFC 3461 6.2)
   std::string recipient;  // the original envelope sender
-  bool smtputf8 = false;     // UTF-8 in the DSN's envelope or headers: needs SMTPUTF8
+  // The original was SMTPUTF8 and the DSN holds 8-bit bytes (UTF-8 addresses, headers,
+  // the message/global part): send it with SMTPUTF8 (RFC 6531, 6533).
+  bool smtputf8 = false;
   bool eight_bit = false;    // bytes >= 0x80 anywhere: send with BODY=8BITMIME
   bool headers_only = false; // the original's header section only was returned
   std::string boundary;

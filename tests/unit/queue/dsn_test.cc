@@ -587,7 +587,7 @@ TEST(Dsn, BoundaryIsNotInTheReturnedContent) {
   EXPECT_EQ(plain.boundary, first);
 }
 
-TEST(Dsn, SmtputfUsesGlobalTypes) {
+TEST(Dsn, Smtputf8UsesGlobalTypes) {
   std::string content = k_headers + "X-Name: J\xC3\xBCrgen\r\n\r\nHall\xC3\xB6\r\n";
   auto m = make_msg(content, "j\xC3\xBCrgen@example.com");
   m.smtputf8 = true;
