@@ -27,6 +27,8 @@ constexpr uint32_t max_loads = 64;  // reads of spool records in flight at once
 // DNS lookups in flight per shard: each answer takes an inbox entry (64), and stats and
 // stop requests must still fit.
 constexpr uint32_t max_dns = 16;
+// Addresses tried within one attempt of one destination host (postfix: smtp_mx_address_limit).
+constexpr size_t max_candidates = 5;
 
 const char* state_word(spool::rcpt_state s) {
   switch (s) {
@@ -497,6 +499,9 @@ void delivery::open_connection(const queue::connect_request& req) {
   c.hop = &hop;
   c.peer_name = hop.host;
   c.relay = hop.host + "[?]:" + std::to_string(hop.port);
+  c.cands.clear();
+  c.cand_at = 0;
+  c.first_failure.clear();
   c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = c.connect_inflight = false;
   c.tp = &net::plain_transport::instance();
   c.tls.reset();
@@ -565,20 +570,21 @@ void delivery::on_dns(dns_wait* w) {
   const dns::result& r = w->r;
   // The address to use: the first of the name's; with mx = true, the first address of the
   // most preferred MX host that has one (and that host's name is the one TLS verifies).
-  const net::address* pick = nullptr;
+  c.cands.clear();
+  c.cand_at = 0;
   if (r.st == dns::status::ok) {
+    auto add = [&](const std::string& name, const net::address& ip) {
+      if (c.cands.size() >= max_candidates) return;
+      if (auto a = net::address::from_ip(ip.ip(), c.hop->port)) c.cands.emplace_back(name, *a);
+    };
     if (r.k == dns::kind::mx) {
       for (const auto& h : r.mx)
-        if (!h.addresses.empty()) {
-          pick = &h.addresses.front().addr;
-          c.peer_name = h.name;
-          break;
-        }
-    } else if (!r.addresses.empty()) {
-      pick = &r.addresses.front().addr;
+        for (const auto& at : h.addresses) add(h.name, at.addr);
+    } else {
+      for (const auto& at : r.addresses) add(c.hop->host, at.addr);
     }
   }
-  if (!pick) {
+  if (c.cands.empty()) {
     ++ctr_.dns_failures;
     // postfix: "Host or domain name not found. Name service error for name=... type=A: ..."
     const char* dsn = r.st == dns::status::nxdomain || r.st == dns::status::nodata || r.st == dns::status::null_mx
@@ -588,12 +594,46 @@ void delivery::on_dns(dns_wait* w) {
     fail_connection(c, dsn, "Host or domain name not found. Name service error: " + r.text);
     return;
   }
-  auto a = net::address::from_ip(pick->ip(), c.hop->port);
-  if (!a) {
-    fail_connection(c, "4.4.3", "bad address from DNS for " + c.hop->host);
-    return;
-  }
-  connect_to(c, *a);
+  c.peer_name = c.cands[0].first;
+  connect_to(c, c.cands[0].second);
+}
+
+bool delivery::try_next_candidate(oconn& c, const std::string& why) {
+  if (c.established || stopping_ || c.cand_at + 1 >= c.cands.size()) return false;
+  uint32_t idx = 0;
+  oconn* np = conns_.acquire(idx);
+  if (!np) return false;
+  oconn& n = *np;
+  n.fd = -1;
+  n.dest = c.dest;
+  n.host = c.host;
+  n.hop = c.hop;
+  n.cands = std::move(c.cands);
+  n.cand_at = c.cand_at + 1;
+  n.first_failure = c.first_failure.empty() ? why : c.first_failure;
+  n.peer_name = n.cands[n.cand_at].first;
+  n.established = n.recv_armed = n.send_inflight = n.close_sent = n.cancel_sent = n.connect_inflight = false;
+  n.tp = &net::plain_transport::instance();
+  n.tls.reset();
+  n.app_out.clear();
+  n.tx.clear();
+  n.wire.clear();
+  n.tx_off = 0;
+  n.job.reset();
+  n.job_sent = false;
+  n.rcpts.clear();
+  n.start_ms = c.start_ms;
+  n.ready_ms = rx_.now_ms();
+  n.jobs = 0;
+  n.tmr.data = ud::make(owner::outbound, 0, idx, n.gen);
+  log::info("delivery: {}; trying the next address of {}: {}", why, c.hop->host, n.peer_name);
+  // The old slot closes without a report: the attempt goes on in the new one.
+  c.established = true;
+  if (c.job) mgr_.job_requeue(std::move(c.job));
+  c.ph = phase::closing;
+  begin_close(c);
+  connect_to(n, n.cands[n.cand_at].second);
+  return true;
 }
 
 void delivery::connect_to(oconn& c, const net::address& a) {
@@ -851,6 +891,7 @@ void delivery::drive(oconn& c) {
                                        " (in reply to " + smtp::command_name(f.cmd) + " command)"
                                  : "host " + c.relay + ": " + f.text;
         if (c.tls && c.tls->failed()) why += " (" + std::string(c.tls->error()) + ")";
+        if (try_next_candidate(c, why)) return;
         const char* dsn = f.status[0] ? f.status : "4.4.2";
         ++ctr_.connect_failures;
         mgr_.connect_failed(c.dest, c.host, dsn, why, rx_.now_ms(), now_us());
@@ -984,6 +1025,7 @@ void delivery::on_timer(core::timer& t) {
 
 void delivery::fail_connection(oconn& c, const char* dsn, const std::string& why) {
   ++ctr_.connect_failures;
+  if (try_next_candidate(c, why)) return;
   if (c.job) {
     c.job_sent = false;
     mgr_.job_requeue(std::move(c.job));

@@ -105,6 +105,12 @@ class delivery final : private core::completion_handler {
     net::address addr;
     std::string relay;  // "host[ip]:port" for logs
     std::string peer_name;  // the host name connected to (the MX host with mx = true)
+    // Where to connect, in order: the addresses of the name, or of the MX hosts by
+    // preference (at most max_candidates); a failure before the session is established
+    // moves on to the next one within the same attempt (postfix's smtp_mx_address_limit).
+    std::vector<std::pair<std::string, net::address>> cands;
+    size_t cand_at = 0;
+    std::string first_failure;  // the first candidate's failure, for the deferral
     bool established = false;  // reached idle once (greeting, EHLO, TLS, AUTH done)
     bool connect_inflight = false, recv_armed = false, send_inflight = false, close_sent = false;
     bool cancel_sent = false;
@@ -155,6 +161,9 @@ class delivery final : private core::completion_handler {
   void finish_job(oconn& c);
   void arm_stage_timer(oconn& c);
   void fail_connection(oconn& c, const char* dsn, const std::string& why);
+  // Before the session is established: try the next candidate address on a fresh slot;
+  // false when there is none left (the caller reports the failure).
+  bool try_next_candidate(oconn& c, const std::string& why);
   void begin_close(oconn& c);
   void maybe_release(oconn& c);
   // Spool.
