@@ -558,7 +558,7 @@ config parse(const ctx& c, const toml::table& root) {
   if (auto* q = get_table(c, root, "queue")) {
     check_keys(c, *q, "queue.",
                {"retry", "max_lifetime", "delay_warning", "concurrency", "messages_per_connection",
-                "connection_idle", "jitter", "connect_timeout", "greeting_timeout", "helo_timeout",
+                "connection_idle", "jitter", "bounce_size_limit", "connect_timeout", "greeting_timeout", "helo_timeout",
                 "starttls_timeout", "mail_timeout", "rcpt_timeout", "data_init_timeout", "data_xfer_timeout",
                 "data_done_timeout", "quit_timeout"});
     auto& Q = cfg.queue;
@@ -578,6 +578,8 @@ config parse(const ctx& c, const toml::table& root) {
                                                   Q.messages_per_connection, 1, 1000000);
     Q.connection_idle_s = get_duration_s(c, *q, "connection_idle", "queue.connection_idle", Q.connection_idle_s, 0, 3600);
     Q.jitter_percent = get_int<uint32_t>(c, *q, "jitter", "queue.jitter", Q.jitter_percent, 0, 50);
+    Q.bounce_size_limit = get_int<uint64_t>(c, *q, "bounce_size_limit", "queue.bounce_size_limit",
+                                            Q.bounce_size_limit, 0, int64_t(1) << 30);
     struct tk { const char* key; uint32_t* v; };
     for (auto [key, v] : {tk{"connect_timeout", &Q.connect_timeout_s}, tk{"greeting_timeout", &Q.greeting_timeout_s},
                           tk{"helo_timeout", &Q.helo_timeout_s}, tk{"starttls_timeout", &Q.starttls_timeout_s},

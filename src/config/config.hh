@@ -87,6 +87,7 @@ struct queue_settings {
   uint32_t messages_per_connection = 100;
   uint32_t connection_idle_s = 5;        // an idle outbound connection is closed after this
   uint32_t jitter_percent = 10;          // retry times are spread by up to this share
+  uint64_t bounce_size_limit = 50000;    // a bounce returns the whole original up to this size (RET unset)
   // Client timeouts (seconds), postfix's smtp_*_timeout defaults.
   uint32_t connect_timeout_s = 30;
   uint32_t greeting_timeout_s = 300;

@@ -407,7 +407,7 @@ bool dsn_wanted(dsn_kind k, uint8_t notify) noexcept {
   return false;
 }
 
-dsn_plan plan_dsns(std::string_view sender, std::span<const rcpt_result> rcpts, bool delay_due) {
+dsn_plan plan_dsns(std::string_view sender, std::span<const dsn_rcpt> rcpts, bool delay_due) {
   dsn_plan p;
   if (sender.empty()) return p;  // a bounce of a bounce: never (RFC 5321 4.5.5)
   for (uint32_t i = 0; i < rcpts.size(); ++i) {
@@ -430,7 +430,7 @@ dsn_plan plan_dsns(std::string_view sender, std::span<const rcpt_result> rcpts, 
   return p;
 }
 
-bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<const rcpt_result> rcpts,
+bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<const dsn_rcpt> rcpts,
                std::span<const uint32_t> which, const dsn_request& r, dsn_message& out) {
   if (m.mail_from.empty() || which.empty() || o.hostname.empty() || r.queue_id.empty()) return false;
   for (uint32_t i : which)

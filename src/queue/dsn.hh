@@ -47,7 +47,7 @@ enum class rcpt_outcome : uint8_t {
   relayed_dsn = 4,  // a next hop with DSN accepted it and NOTIFY went along: it reports, we don't
 };
 
-struct rcpt_result {
+struct dsn_rcpt {
   std::string_view addr;    // the recipient as in the envelope (UTF-8 allowed with SMTPUTF8)
   uint8_t notify = 0;       // spool::notify_flags; 0: NOTIFY not given
   std::string_view orcpt;   // the ORCPT parameter as received ("rfc822;u+40example.org"), or empty
@@ -76,7 +76,7 @@ struct dsn_plan {
   std::vector<uint32_t> success;
   bool empty() const noexcept { return failure.empty() && delay.empty() && success.empty(); }
 };
-dsn_plan plan_dsns(std::string_view sender, std::span<const rcpt_result> rcpts, bool delay_due);
+dsn_plan plan_dsns(std::string_view sender, std::span<const dsn_rcpt> rcpts, bool delay_due);
 
 struct dsn_options {
   std::string hostname;  // Reporting-MTA, From: MAILER-DAEMON@, Message-ID (config hostname)
@@ -116,7 +116,7 @@ struct dsn_message {
 // return_size_limit); delay and success return headers only (RFC 3461 4.3: RET is about
 // failed DSNs; postfix does the same). A BINARYMIME original is returned as headers only
 // (its body cannot be carried in an 8BITMIME message).
-bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<const rcpt_result> rcpts,
+bool build_dsn(const dsn_options& o, const spool::message_view& m, std::span<const dsn_rcpt> rcpts,
                std::span<const uint32_t> which, const dsn_request& r, dsn_message& out);
 
 // --- pieces, exposed for tests and the fuzz target -----------------------------------------

@@ -123,8 +123,8 @@ void manager::loaded(msg_handle h, bool ok, const std::string& err, uint64_t now
     if (d == no_destination) {
       x.info.state[idx] = rcpt_state::deferred;
       x.local[idx] = true;
-      x.last[idx] = {rcpt_state::deferred, "4.3.5",
-                     "no route to the recipient's domain: no [[smarthost]] is configured and no [[route]] matches"};
+      x.last[idx] = local_result(rcpt_state::deferred, "4.3.5",
+                     "no route to the recipient's domain: no [[smarthost]] is configured and no [[route]] matches");
       no_route = true;
       return;
     }
@@ -226,7 +226,7 @@ void manager::defer_job(job& j, const std::string& dsn, const std::string& reaso
   for (uint32_t i : j.rcpts) {
     if (i >= x.last.size()) continue;
     x.info.state[i] = rcpt_state::deferred;
-    x.last[i] = {rcpt_state::deferred, dsn, reason};
+    x.last[i] = local_result(rcpt_state::deferred, dsn, reason);
     if (i < x.local.size()) x.local[i] = true;
   }
   if (x.jobs_open) --x.jobs_open;
@@ -238,7 +238,7 @@ void manager::job_done(std::unique_ptr<job> j, std::span<const rcpt_result> resu
     uint32_t i = j->rcpts[k];
     if (i >= x.last.size()) continue;
     rcpt_result r = k < results.size() ? results[k]
-                                       : rcpt_result{rcpt_state::deferred, "4.3.0", "no result for this recipient"};
+                                       : local_result(rcpt_state::deferred, "4.3.0", "no result for this recipient");
     if (r.state == rcpt_state::pending) r.state = rcpt_state::deferred;
     x.info.state[i] = r.state;
     x.last[i] = std::move(r);
@@ -279,7 +279,7 @@ void manager::end_round(msg_handle h, uint64_t now_us) {
         x.info.state[i] = rcpt_state::failed;
         if (x.last.size() < n) x.last.resize(n);
         if (x.local.size() < n) x.local.resize(n);
-        x.last[i] = {rcpt_state::failed, "4.4.7", "delivery time expired: " + why};
+        x.last[i] = local_result(rcpt_state::failed, "4.4.7", "delivery time expired: " + why);
         x.local[i] = true;
       }
     any_deferred = false;
@@ -295,6 +295,11 @@ void manager::end_round(msg_handle h, uint64_t now_us) {
       changed.push_back({i, x.info.state[i], x.last[i].dsn, x.last[i].text});
   }
   if (any_deferred) x.info.next_attempt_us = next_attempt_us(opt_.retry, x.info.attempts, now_us, x.info.arrival_us, rng_);
+  rr.expires_us = x.info.arrival_us + opt_.retry.max_lifetime_s * 1000000;
+  if (any_deferred && !unreadable && delay_warning_due(opt_.retry, x.info.arrival_us, now_us, x.info.flags)) {
+    rr.delay_warning = true;  // the status record below carries the flag: one warning only
+    x.info.flags |= spool::status_delay_warned;
+  }
   std::string rec;
   // Copy forward a deferred message whose record is in an older segment than the current
   // one: the record (in memory now), then its whole state, so the old segment can go.

@@ -67,8 +67,23 @@ struct message_info {
 struct rcpt_result {
   spool::rcpt_state state = spool::rcpt_state::deferred;  // delivered, failed or deferred
   std::string dsn;   // "2.0.0", "4.4.1", "5.1.1"
-  std::string text;  // the diagnostic: remote reply or local reason
+  std::string text;  // the diagnostic: remote reply or local reason (for logs and the spool)
+  // For delivery status notifications (src/queue/dsn.hh).
+  std::string reply;        // the remote SMTP reply ("550 5.1.1 ..."), empty for a local reason
+  std::string remote_host;  // the next hop's name and address, when there was a conversation
+  std::string remote_ip;
+  bool hop_dsn = false;         // the next hop offered DSN (NOTIFY went along: it reports)
+  bool final_delivery = false;  // LMTP: delivered into a mailbox, not relayed
 };
+
+// A result decided here (no conversation behind it).
+inline rcpt_result local_result(spool::rcpt_state st, std::string dsn, std::string text) {
+  rcpt_result r;
+  r.state = st;
+  r.dsn = std::move(dsn);
+  r.text = std::move(text);
+  return r;
+}
 
 using msg_handle = uint32_t;
 
@@ -111,6 +126,8 @@ struct round_result {
   // connection were logged with their relay already.
   std::vector<uint32_t> decided_here;
   bool expired = false;
+  bool delay_warning = false;  // a delay DSN is due now (queue.delay_warning); flagged as sent
+  uint64_t expires_us = 0;     // arrival + max_lifetime (Will-Retry-Until)
 };
 
 class manager {

@@ -50,6 +50,7 @@ class delivery final : private core::completion_handler {
   static constexpr uint64_t token_bit = uint64_t(1) << 63;
   static constexpr uint64_t last_piece = uint64_t(1) << 62;   // the round's last record
   static constexpr uint64_t first_piece = uint64_t(1) << 61;  // its first (where a copy landed)
+  static constexpr uint64_t dsn_piece = uint64_t(1) << 60;    // a DSN message we generated
 
   // Hands a DNS answer to this shard's thread (its inbox); false when the inbox is full.
   using poster = bool (*)(void* owner, void* arg);
@@ -170,6 +171,7 @@ class delivery final : private core::completion_handler {
   void write_records();
   void remove_segments();
   void log_results();
+  void make_dsns(const queue::round_result& r, uint64_t now);
   uint64_t now_us() const;
   uint64_t stage_timeout_ms(smtp::client_stage s) const;
   smtp::client_config client_config_for(const config::next_hop& hop) const;
@@ -204,6 +206,8 @@ class delivery final : private core::completion_handler {
     uint64_t offset = 0;
   };
   std::unordered_map<uint64_t, piece> first_;  // rounds whose records are being written
+  std::unordered_map<uint64_t, std::string> dsn_records_;  // DSN messages until durable
+  uint64_t next_dsn_token_ = 1;
   delivery_counters ctr_;
 };
 

@@ -75,7 +75,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   m.smtputf8 = flags & 0x10;
   m.body = static_cast<spool::body_type>((flags >> 5) % 3);
   m.content = content;
-  queue::rcpt_result r;
+  queue::dsn_rcpt r;
   r.addr = f[1];
   r.notify = notify;
   r.orcpt = f[2];
@@ -89,7 +89,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
               : kind == queue::dsn_kind::delay ? queue::rcpt_outcome::deferred
                                                : queue::rcpt_outcome::relayed;
   r.last_attempt_us = m.arrival_us + 1;
-  queue::rcpt_result rs[] = {r, r};
+  queue::dsn_rcpt rs[] = {r, r};
   rs[1].addr = "second@example.org";
 
   auto plan = queue::plan_dsns(m.mail_from, rs, true);

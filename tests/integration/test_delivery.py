@@ -490,3 +490,125 @@ def test_starttls_response_injection_is_discarded(ternd_factory, pki):
             assert tls
     finally:
         srv.close()
+
+
+# --- bounces (RFC 3464 delivery status notifications) --------------------------------------
+
+def route(domain, port):
+    return f'[[route]]\ndomains = ["{domain}"]\nhost = "127.0.0.1"\nport = {port}\ntls = "none"\n'
+
+
+def raw_send(port, sender, rcpts, data, mail_params="", rcpt_params=""):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.test")
+        code, _ = s.docmd(f"MAIL FROM:<{sender}>{mail_params}")
+        assert code == 250
+        for r in rcpts:
+            code, _ = s.docmd(f"RCPT TO:<{r}>{rcpt_params}")
+            assert code == 250
+        code, _ = s.data(data)
+        assert code == 250
+
+
+def test_5xx_bounces_to_the_sender_with_a_multipart_report(ternd_factory, sinks):
+    refuse = sinks(extra=("-f", "RCPT"))
+    home = sinks()
+    t = ternd_factory(extra=smarthost(refuse.port) + route("origin.test", home.port) + queue_cfg()).start()
+    send(t.port, ["gone@example.com"], subject="bounceme", sender="sender@origin.test")
+    assert wait_for(lambda: home.messages(), timeout=10), t.log()
+    dsn = home.messages()[0]
+    assert b"X-Mail-Args: <>" in dsn, dsn[:300]          # null reverse-path
+    assert b"X-Rcpt-Args: <sender@origin.test>" in dsn
+    assert b"Content-Type: multipart/report; report-type=delivery-status" in dsn
+    assert b"Final-Recipient: rfc822; gone@example.com" in dsn
+    assert b"Action: failed" in dsn
+    assert b"Diagnostic-Code: smtp; 5" in dsn
+    assert b"bounceme@origin.test" in dsn                  # the original comes back
+    assert "sender non-delivery notification:" in t.log()
+    assert wait_for(lambda: t.spool_list() == []), "the original and its bounce are both done"
+
+
+def test_only_failed_recipients_are_in_the_bounce_and_never_for_null_sender(ternd_factory, sinks):
+    """A scripted next hop refuses one recipient of two: the bounce names that one only.
+    A message with a null sender that fails makes no bounce at all."""
+    home = sinks()
+    port = free_port()
+
+    def serve(srv):
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                f = c.makefile("rb")
+                c.sendall(b"220 fake\r\n")
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    u = line.upper()
+                    if u.startswith(b"EHLO"):
+                        c.sendall(b"250-fake\r\n250 PIPELINING\r\n")
+                    elif u.startswith(b"RCPT") and b"BAD@" in u:
+                        c.sendall(b"550 5.1.1 <bad@example.com>: Recipient address rejected\r\n")
+                    elif u.startswith(b"DATA"):
+                        c.sendall(b"354 go\r\n")
+                        while f.readline() not in (b".\r\n", b""):
+                            pass
+                        c.sendall(b"250 2.0.0 ok\r\n")
+                    elif u.startswith(b"QUIT"):
+                        c.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        c.sendall(b"250 ok\r\n")
+
+    srv = socket.create_server(("127.0.0.1", port))
+    threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    try:
+        t = ternd_factory(extra=smarthost(port) + route("origin.test", home.port) + queue_cfg()).start()
+        send(t.port, ["good@example.com", "bad@example.com"], subject="partial-bounce", sender="s@origin.test")
+        assert wait_for(lambda: home.messages(), timeout=10), t.log()
+        dsn = home.messages()[0]
+        assert b"Final-Recipient: rfc822; bad@example.com" in dsn
+        assert b"Final-Recipient: rfc822; good@example.com" not in dsn
+        assert b"Recipient address rejected" in dsn
+        # Null sender: refused, logged, no bounce.
+        raw_send(t.port, "", ["bad@example.com"], b"Subject: nullsender\r\n\r\nx\r\n")
+        assert t.wait_log("status=bounced", timeout=10)
+        time.sleep(1)
+        assert len(home.messages()) == 1, "no bounce for a null sender"
+        # NOTIFY=NEVER: no bounce either.
+        raw_send(t.port, "s@origin.test", ["bad@example.com"], b"Subject: never\r\n\r\nx\r\n",
+                 rcpt_params=" NOTIFY=NEVER")
+        time.sleep(1.5)
+        assert len(home.messages()) == 1, "NOTIFY=NEVER asks for no bounce"
+        assert wait_for(lambda: t.spool_list() == [])
+    finally:
+        srv.close()
+
+
+def test_expiry_bounces_with_4_4_7(ternd_factory, sinks):
+    home = sinks()
+    dead = free_port()
+    t = ternd_factory(extra=smarthost(dead) + route("origin.test", home.port) +
+                      queue_cfg(retry='["1s"]', max_lifetime="60s")).start()
+    # Arrival is stamped now; a lifetime of 60 s is the minimum the config allows, so this
+    # test checks the schedule's side: the first deferral does not bounce.
+    send(t.port, ["a@example.com"], subject="expire", sender="s@origin.test")
+    assert t.wait_log("status=deferred", timeout=10)
+    assert home.messages() == []
+
+
+def test_success_notification_when_asked_and_the_next_hop_has_no_dsn(ternd_factory, sinks):
+    relay = sinks(extra=("-N",))  # -N: smtp-sink does not announce DSN
+    home = sinks()
+    t = ternd_factory(extra=smarthost(relay.port) + route("origin.test", home.port) + queue_cfg()).start()
+    raw_send(t.port, "s@origin.test", ["ok@example.com"], b"Subject: notify-success\r\n\r\nx\r\n",
+             mail_params=" RET=HDRS ENVID=tern+2Dtest", rcpt_params=" NOTIFY=SUCCESS ORCPT=rfc822;ok@example.com")
+    assert wait_for(lambda: home.messages(), timeout=10), t.log()
+    dsn = home.messages()[0]
+    assert b"Action: relayed" in dsn
+    assert b"Original-Envelope-Id: tern+2Dtest" in dsn
+    assert b"Original-Recipient: rfc822; ok@example.com" in dsn
+    assert b"text/rfc822-headers" in dsn

@@ -37,8 +37,8 @@ spool::message_view make_msg(std::string_view content, std::string_view sender =
   return m;
 }
 
-rcpt_result failed_rcpt(std::string_view addr = "u@example.org") {
-  rcpt_result r;
+dsn_rcpt failed_rcpt(std::string_view addr = "u@example.org") {
+  dsn_rcpt r;
   r.addr = addr;
   r.outcome = rcpt_outcome::failed;
   r.status = "5.1.1";
@@ -215,7 +215,7 @@ void expect_lines_ok(const std::string& c) {
   }
 }
 
-dsn_message build_one(const spool::message_view& m, std::vector<rcpt_result> rcpts, dsn_kind k,
+dsn_message build_one(const spool::message_view& m, std::vector<dsn_rcpt> rcpts, dsn_kind k,
                       dsn_options o = opts()) {
   std::vector<uint32_t> which;
   for (uint32_t i = 0; i < rcpts.size(); ++i) which.push_back(i);
@@ -300,7 +300,7 @@ TEST(Dsn, FailureStructureParsesBack) {
 }
 
 TEST(Dsn, NullSenderNeverGetsAnyDsn) {
-  std::vector<rcpt_result> rs;
+  std::vector<dsn_rcpt> rs;
   for (uint8_t notify : {0, 1, 2, 4, 8, 2 | 4 | 8}) {
     for (auto o : {rcpt_outcome::failed, rcpt_outcome::deferred, rcpt_outcome::delivered, rcpt_outcome::relayed}) {
       auto r = failed_rcpt();
@@ -341,7 +341,7 @@ TEST(Dsn, NotifyMatrix) {
     EXPECT_EQ(dsn_wanted(dsn_kind::delay, w.notify), w.delay) << int(w.notify);
     EXPECT_EQ(dsn_wanted(dsn_kind::success, w.notify), w.success) << int(w.notify);
     // Through the planner: one recipient of each outcome, all with these flags.
-    std::vector<rcpt_result> rs(5, failed_rcpt());
+    std::vector<dsn_rcpt> rs(5, failed_rcpt());
     rs[0].outcome = rcpt_outcome::failed;
     rs[1].outcome = rcpt_outcome::deferred;
     rs[2].outcome = rcpt_outcome::delivered;
@@ -359,7 +359,7 @@ TEST(Dsn, NotifyMatrix) {
 }
 
 TEST(Dsn, OneDsnPerKindListsEveryRecipientThatWantsIt) {
-  std::vector<rcpt_result> rs(6, failed_rcpt());
+  std::vector<dsn_rcpt> rs(6, failed_rcpt());
   rs[0].notify = 0;
   rs[1].notify = spool::notify_never;
   rs[2].notify = spool::notify_failure;

@@ -117,9 +117,9 @@ struct harness {
   }
 };
 
-rcpt_result ok() { return {rcpt_state::delivered, "2.0.0", "250 2.0.0 Ok"}; }
-rcpt_result later() { return {rcpt_state::deferred, "4.2.0", "451 4.2.0 try later"}; }
-rcpt_result nope() { return {rcpt_state::failed, "5.1.1", "550 5.1.1 no such user"}; }
+rcpt_result ok() { return local_result(rcpt_state::delivered, "2.0.0", "250 2.0.0 Ok"); }
+rcpt_result later() { return local_result(rcpt_state::deferred, "4.2.0", "451 4.2.0 try later"); }
+rcpt_result nope() { return local_result(rcpt_state::failed, "5.1.1", "550 5.1.1 no such user"); }
 
 }  // namespace
 
