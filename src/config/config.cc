@@ -25,6 +25,14 @@ address = "127.0.0.1:2525"
 [relay]
 networks = ["127.0.0.0/8", "::1"]
 domains = []
+# Everything goes to a local tern-sink over TLS 1.3, its certificate verified against a
+# demo CA: tools/run-relay.sh makes var/tls/ and starts the sink on 127.0.0.1:2526.
+[[smarthost]]
+host = "127.0.0.1"
+port = 2526
+tls = "verify"
+ca_file = "var/tls/ca.pem"
+verify_name = "localhost"
 )";
 
 bool valid_dns_name(std::string_view d) noexcept {
@@ -258,7 +266,9 @@ next_hop parse_hop(const ctx& c, const toml::table& t, const std::string& pfx, b
   h.tls_min_13 = mv == "1.3";
   h.ca_file = get_str(c, t, "ca_file", pfx + "ca_file", "");
   if (!h.ca_file.empty() && !readable(h.ca_file))
-    c.fail(t.get("ca_file")->source(), pfx + "ca_file", "cannot read \"" + h.ca_file + "\"");
+    c.fail(t.get("ca_file")->source(), pfx + "ca_file",
+           "cannot read \"" + h.ca_file + "\"" +
+               (c.src() == "(embedded default)" ? " (tools/run-relay.sh makes it; or give --config FILE)" : ""));
   h.verify_name = lower(get_str(c, t, "verify_name", pfx + "verify_name", ""));
   if (!h.verify_name.empty() && !valid_dns_name(h.verify_name))
     c.fail(t.get("verify_name")->source(), pfx + "verify_name", "\"" + h.verify_name + "\" is not a valid DNS name");

@@ -1,6 +1,7 @@
 """The real ternd with real clients: Python smtplib, swaks, postfix's smtp-source."""
 import re
 import smtplib
+import shutil
 import socket
 import threading
 import subprocess
@@ -190,6 +191,10 @@ def test_embedded_default_starts_and_serves(tmp_path):
             probe.bind(("127.0.0.1", 2525))
         except OSError:
             pytest.skip("127.0.0.1:2525 is in use")
+    # The default relays to tools/run-relay.sh's sink and reads its demo CA: any CA will do
+    # here (nothing listens on 2526, the mail stays deferred).
+    (tmp_path / "var/tls").mkdir(parents=True)
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tmp_path / "var/tls/ca.pem")
     p = subprocess.Popen([TERND], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
