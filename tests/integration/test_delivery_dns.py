@@ -292,11 +292,6 @@ def test_mx_most_preferred_host_receives_the_mail(ternd_factory, sink_factory, d
     assert len(sent) == 2 and all(f"relay=mx1.test[127.0.0.2]:{port}," in l for l in sent), t.log()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "delivery gap: with mx = true, on_dns() picks only the first address of the most preferred "
-    "MX host; a connection failure goes to fail_connection() -> manager::connect_failed(), which "
-    "backs off the [[smarthost]] entry (the whole MX set), not the MX host, so the next MX host is "
-    "never tried in the same attempt: the mail is deferred for a retry interval (here 1 h)"))
 def test_mx_next_host_takes_the_mail_at_once_when_the_best_is_down(ternd_factory, sink_factory, dnsmasq):
     port = common_port(ALL)
     # mx1.test (127.0.0.2, preference 10) has no listener: connections are refused.
@@ -308,22 +303,6 @@ def test_mx_next_host_takes_the_mail_at_once_when_the_best_is_down(ternd_factory
     assert wait_for(lambda: len(saved(sinks["127.0.0.3"])) == 1, timeout=5), t.log()
     assert saved(sinks["127.0.0.4"]) == []
     assert t.wait_log(f"relay=mx2.test[127.0.0.3]:{port},"), t.log()
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "delivery gap: every attempt resolves mx.test again and on_dns() again picks the first "
-    "address of the most preferred MX host, so while that host is down the mail is deferred "
-    "again and again and never reaches the next MX host, even across retries"))
-def test_mx_next_host_takes_the_mail_on_a_retry_when_the_best_is_down(ternd_factory, sink_factory, dnsmasq):
-    port = common_port(ALL)
-    sinks = mx_sinks(sink_factory, port, ["127.0.0.3", "127.0.0.4"])
-    t = ternd_factory(extra=hop("mx.test", port, mx=True) + queue_cfg("1s") + dns_cfg(dnsmasq)).start()
-    send(t.port, ["a@example.com"], "mxretry")
-    # Several retries happen in this time (1 s apart, host back-off from 1 s): one of them
-    # must reach mx2.test.
-    ok = wait_for(lambda: len(saved(sinks["127.0.0.3"])) == 1, timeout=6)
-    assert len(log_lines(t, "status=deferred")) >= 2, t.log()  # it did retry
-    assert ok, t.log()
 
 
 def test_mx_every_host_down_is_deferred_4_4_1_and_kept(ternd_factory, dnsmasq):
@@ -353,11 +332,6 @@ def test_smarthost_name_with_only_an_ipv6_address(ternd_factory, sink_factory, d
     assert t.wait_log(f"relay=v6.test[::1]:{port}, "), t.log()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "delivery gap: on_dns() connects to the first address of a name only (r.addresses.front()); "
-    "when it refuses, the next address of the same name (here its AAAA, ::1) is not tried, "
-    "although docs/dns.md says delivery connects 'in order (MX preference; each host's "
-    "addresses)': the mail is deferred for a retry interval"))
 def test_name_with_two_addresses_the_second_takes_the_mail_when_the_first_is_down(ternd_factory, sink_factory, dnsmasq):
     port = common_port(ALL)
     # dual.test: A 127.0.0.6 (nothing listens), AAAA ::1 (a sink). A comes first (dns.md).
