@@ -52,7 +52,7 @@ int run(const config::config& cfg) {
   unsigned nshards = cfg.shards ? cfg.shards : ncpu;
   rlimit rl{};
   getrlimit(RLIMIT_NOFILE, &rl);
-  rlim_t want = rlim_t(nshards) * (cfg.limits.connections + 64) + 256;
+  rlim_t want = rlim_t(nshards) * config::fds_per_shard(cfg) + 256;
   if (rl.rlim_cur < want) {
     rl.rlim_cur = std::min(want, rl.rlim_max);
     setrlimit(RLIMIT_NOFILE, &rl);

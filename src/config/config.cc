@@ -75,6 +75,18 @@ std::optional<uint64_t> parse_duration_ms(std::string_view t) noexcept {
   return n * mul;
 }
 
+uint32_t outbound_slots(const config& c) noexcept {
+  std::set<std::vector<std::string>> lists;
+  for (const auto& r : c.routes) lists.insert(r.domains);
+  uint64_t dests = lists.size() + (c.smarthosts.empty() ? 0 : 1);
+  uint64_t n = std::max<uint64_t>(1, dests) * c.queue.concurrency;
+  return static_cast<uint32_t>(std::clamp<uint64_t>(n, 16, std::max<uint64_t>(16, c.limits.connections)));
+}
+
+uint64_t fds_per_shard(const config& c) noexcept {
+  return uint64_t(c.limits.connections) + outbound_slots(c) + 64;
+}
+
 bool domain_matches(std::string_view d, std::string_view r) noexcept {
   if (r.empty()) return false;
   if (r[0] == '.') return d.size() > r.size() && d.substr(d.size() - r.size()) == r;
@@ -531,7 +543,7 @@ config parse(const ctx& c, const toml::table& root) {
   {
     rlimit rl{};
     unsigned nshards = cfg.shards ? cfg.shards : std::max(1u, std::thread::hardware_concurrency());
-    uint64_t need = uint64_t(nshards) * (cfg.limits.connections + 64) + 256;
+    uint64_t need = uint64_t(nshards) * fds_per_shard(cfg) + 256;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && need > rl.rlim_max) {
       const toml::node* at = nullptr;
       if (auto* l = root.get("limits"); l && l->as_table()) at = l->as_table()->get("connections");

@@ -150,6 +150,13 @@ struct config {
   std::vector<std::string> warnings;
 };
 
+// Outbound connection slots per shard: queue.concurrency for each destination (smarthosts
+// as one, each distinct route domain list as one), at least 16, at most limits.connections.
+uint32_t outbound_slots(const config& c) noexcept;
+// File descriptors one shard can hold: inbound and outbound slots, listeners, spool
+// segments and the rest (64).
+uint64_t fds_per_shard(const config& c) noexcept;
+
 // "30s", "5m", "2h", "5d", "250ms", or an integer (seconds). Returns milliseconds, or
 // nullopt when the text is not a duration.
 std::optional<uint64_t> parse_duration_ms(std::string_view text) noexcept;

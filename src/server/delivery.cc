@@ -89,8 +89,7 @@ bool delivery::init(std::vector<spool::queued_message> recovered, const std::vec
                     std::string& err) {
   // One connection slot per destination's concurrency, at least 16, at most the inbound
   // slots: bounded at start, never grown.
-  uint32_t n = std::clamp<uint32_t>(cfg_.queue.concurrency * std::max<uint32_t>(1, uint32_t(routes_.size())), 16,
-                                    std::max<uint32_t>(16, cfg_.limits.connections));
+  uint32_t n = config::outbound_slots(cfg_);
   conns_.init(n);
   for (uint32_t i = 0; i < n; ++i) conns_[i].idx = i;
   loads_.init(max_loads);
