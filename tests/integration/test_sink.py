@@ -1,5 +1,6 @@
 """tern-sink (tools/tern_sink.cc), the SMTP/LMTP sink tern's delivery tests relay to, with
-real clients: Python smtplib (SMTP and LMTP), swaks, tern-load, raw sockets."""
+real clients: Python smtplib (SMTP and LMTP, STARTTLS), swaks (--tls needs Debian's
+libnet-ssleay-perl), openssl s_client, tern-load, raw sockets."""
 import os
 import re
 import signal
