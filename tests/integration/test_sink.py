@@ -522,6 +522,20 @@ def test_starttls_with_smtplib_verifies_chain_and_saved_file_records_tls(sink_fa
     assert content == b"Subject: tls\r\n\r\nsecret\r\n"
 
 
+def test_large_messages_over_tls_are_byte_exact(sink_factory, tmp_path, certs):
+    """Bodies spanning many TLS records and receive buffers, two in one session."""
+    s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
+    bodies = [b"Subject: big %d\r\n\r\n" % i + b"".join(b"line %06d %s\r\n" % (n, b".x" * (n % 40))
+                                                        for n in range(6000 * (i + 1))) for i in range(2)]
+    with smtplib.SMTP(s.host, s.port) as c:
+        c.starttls(context=client_context(certs))
+        for b in bodies:
+            assert c.sendmail("a@x.test", ["b@y.test"], b) == {}
+    n = stop_counters(s)
+    assert n["messages"] == "2" and n["bytes"] == str(sum(map(len, bodies))), s.err()
+    assert [content for _, content in saved(s)] == bodies
+
+
 def test_plain_session_still_records_no_tls_with_a_certificate(sink_factory, tmp_path, certs):
     s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
     with smtplib.SMTP(s.host, s.port) as c:
@@ -533,7 +547,9 @@ def test_plain_session_still_records_no_tls_with_a_certificate(sink_factory, tmp
 
 def test_swaks_tls(sink_factory, tmp_path, certs):
     s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
-    r = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(s.port), "--tls", "--ehlo", "client.test",
+    # --pipeline: MAIL, RCPT and DATA arrive in one TLS record.
+    r = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(s.port), "--tls", "--pipeline",
+                        "--ehlo", "client.test",
                         "--from", "a@example.org", "--to", "b@example.net", "--body", "via swaks"],
                        capture_output=True, timeout=30)
     out = r.stdout.decode(errors="replace")
