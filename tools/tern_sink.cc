@@ -6,11 +6,13 @@
 // One reactor per thread (--threads N, each with its own SO_REUSEPORT listener); the main
 // thread only waits for signals and prints the counters. Per connection: a slot from a
 // fixed slot_table, multishot receive into the reactor's provided-buffer ring, one send
-// in flight, one lazily re-armed idle timer. Every byte passes through a net::transport
-// (plain today); STARTTLS swaps it for the transport returned by
-// make_server_tls_transport() (the one place TLS plugs in).
+// in flight, one lazily re-armed idle timer. Every byte passes through a net::transport:
+// the plain one, or after STARTTLS (or from the first byte with --tls-wrapper) a new
+// tls::transport (tls/transport.hh) from the thread's server tls::context. One ticket key
+// for the whole process lets a client resume on any thread.
 //
-// Trusts: its command line (rules, limits, the save directory) and the local file system.
+// Trusts: its command line (rules, limits, the save directory, the certificate and key
+// files) and the local file system.
 // Does not trust: anything a client sends. Command lines are parsed by smtp::parse_command,
 // parse_mail and parse_rcpt (bounded, validated); DATA is decoded by smtp::dot_decoder
 // (the end only at CRLF.CRLF); lines, messages, recipients, input and unsent output are
@@ -49,10 +51,20 @@
 #include "src/core/reactor.hh"
 #include "src/smtp/command.hh"
 #include "src/smtp/data.hh"
+#include "tls/context.hh"
+#include "tls/transport.hh"
+
+// Rule zero, broken on purpose: tls/ keeps wolfSSL behind its own interface and has no
+// maximum-version option (tern itself must never cap TLS). The sink needs a TLS 1.2-only
+// mode to show a client refusing 1.2, so it alone reaches the native context
+// (see cap_at_tls12 below). Nothing else of wolfSSL is used here.
+#include <wolfssl/options.h>
+#include <wolfssl/ssl.h>
 
 namespace core = tern::core;
 namespace net = tern::net;
 namespace smtp = tern::smtp;
+namespace tls = tern::tls;
 
 namespace {
 
@@ -94,6 +106,12 @@ struct options {
   bool fsync = false;
   bool log = false;
   std::vector<rule> rcpt_rules, data_rules, lmtp_rules;
+  // TLS: a certificate and key (both or neither) make STARTTLS available.
+  std::string tls_cert, tls_key;          // --tls-cert, --tls-key (PEM)
+  std::string tls_min_version = "1.2";    // --tls-min-version: 1.2 so a test can show a client refusing 1.2
+  std::string tls_max_version = "1.3";    // --tls-max-version: 1.2 makes a TLS 1.2-only sink
+  bool starttls = true;                   // --no-starttls: not advertised even with a certificate
+  bool tls_wrapper = false;               // --tls-wrapper: TLS from the first byte (like port 465)
 };
 
 bool parse_reply(std::string_view s, rule& r, std::string& err) {
@@ -147,15 +165,38 @@ bool parse_percent_rule(std::string_view s, rule& r, std::string& err) {
   return parse_reply(s.substr(colon + 1), r, err);
 }
 
-// ---- the STARTTLS seam ------------------------------------------------------------------
+// ---- TLS --------------------------------------------------------------------------------
 
-// THE place TLS plugs in. Return a server-side transport (tls/, wolfSSL through memory I/O)
-// for a connection that has just been told "220 2.0.0 Ready to start TLS", or nullptr when
-// TLS is not available. It is probed once at start: while it returns nullptr, STARTTLS is
-// not advertised and is answered "454 4.7.0 TLS not available".
-std::unique_ptr<net::transport> make_server_tls_transport(const options& o) {
-  (void)o;
-  return nullptr;
+// Caps a server context at TLS 1.2 (--tls-max-version 1.2). This wolfSSL build has no
+// OPENSSL_EXTRA, so wolfSSL_CTX_set_max_proto_version does not exist; the option mask
+// WOLFSSL_OP_NO_TLSv1_3 is what its supported_versions parser honours (the test
+// test_tls12_only_sink_negotiates_12_and_refuses_13 shows it does).
+bool cap_at_tls12(tls::context& ctx) {
+  long m = wolfSSL_CTX_set_options(ctx.native(), WOLFSSL_OP_NO_TLSv1_3);
+  return (m & WOLFSSL_OP_NO_TLSv1_3) != 0;
+}
+
+// One server context for the calling thread (contexts and their transports belong to one
+// thread). The same options on every thread; the ticket key is the process's.
+std::unique_ptr<tls::context> make_server_context(const options& o, std::shared_ptr<const tls::ticket_key> key,
+                                                  std::string& err) {
+  tls::context_options co;
+  co.side = tls::role::server;
+  if (!tls::parse_version(o.tls_min_version, co.min_version)) {
+    err = "--tls-min-version must be 1.2 or 1.3: " + o.tls_min_version;
+    return nullptr;
+  }
+  co.cert_file = o.tls_cert;
+  co.key_file = o.tls_key;
+  co.ca_file.clear();  // a server does not verify clients
+  co.session_tickets = true;
+  co.tickets = std::move(key);
+  auto ctx = tls::context::create(co, err);
+  if (ctx && o.tls_max_version == "1.2" && !cap_at_tls12(*ctx)) {
+    err = "tls: this wolfSSL cannot cap a context at TLS 1.2";
+    return nullptr;
+  }
+  return ctx;
 }
 
 // ---- counters ---------------------------------------------------------------------------
@@ -165,6 +206,9 @@ struct alignas(64) counters {
   std::atomic<uint64_t> connections{0}, refused_full{0}, messages{0}, messages_refused{0};
   std::atomic<uint64_t> rcpts_accepted{0}, rcpts_refused{0}, bytes{0}, timeouts{0}, output_paused{0};
   std::atomic<uint64_t> first_ms{0}, last_ms{0};  // first connection, last message (monotonic)
+  // TLS: completed handshakes, of those resumed from a ticket, and handshakes that did not
+  // complete (a TLS error such as garbage instead of a ClientHello, or the client leaving).
+  std::atomic<uint64_t> tls_handshakes{0}, tls_resumed{0}, tls_failed{0};
 };
 inline void bump(std::atomic<uint64_t>& a, uint64_t n = 1) {
   a.store(a.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
@@ -175,9 +219,11 @@ struct global {
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> messages{0};  // all threads, for --max-messages
   uint64_t start_ms = 0;
-  bool tls_available = false;
+  bool tls_available = false;  // a certificate is loaded (STARTTLS or --tls-wrapper)
+  std::shared_ptr<const tls::ticket_key> tickets;  // one for all threads' contexts
   rule greeting;  // --greeting, parsed once
-  std::string ehlo_reply;  // precomputed capabilities (after the first line)
+  std::string ehlo_reply;      // precomputed capabilities (after the first line), plaintext
+  std::string ehlo_reply_tls;  // the same inside TLS: no STARTTLS (RFC 3207 4.2)
 };
 
 // Untrusted bytes for a log line or a saved header: printable ASCII and UTF-8 stay, the rest
@@ -253,7 +299,9 @@ class worker final : core::completion_handler, core::loop_hooks {
     uint64_t last_ms = 0, send_progress_ms = 0;
     core::timer tmr;
     net::transport* tp = nullptr;
-    std::unique_ptr<net::transport> tls;  // owns tp after STARTTLS
+    std::unique_ptr<tls::transport> tls;  // owns tp after STARTTLS (or --tls-wrapper)
+    bool tls_counted = false;  // its handshake has been counted (done or failed)
+    bool tls_shutdown = false;  // close_notify queued
     std::string in;         // input not yet processed (a partial line, or held while paused)
     std::string app_out;    // replies on their way into the transport
     std::string wire_next;  // bytes the transport itself must send (handshake, alerts)
@@ -293,6 +341,9 @@ class worker final : core::completion_handler, core::loop_hooks {
   void reset_transaction(conn& c);
   void reply(conn& c, std::string_view s) { c.app_out.append(s); }
   void starttls(conn& c);
+  bool start_tls(conn& c);
+  void count_tls(conn& c);
+  void drop_tls(conn& c);
   void pump(conn& c);
   void update_pause(conn& c);
   void begin_close(conn& c);
@@ -315,6 +366,11 @@ class worker final : core::completion_handler, core::loop_hooks {
   unsigned index_;
   std::vector<int> listen_fds_;
   std::vector<bool> accept_armed_;
+  // Declared before the slots: their transports point into it, so it goes last.
+  std::unique_ptr<tls::context> tls_ctx_;
+  // Transports of closed connections, freed after the loop iteration: a close can happen
+  // inside the transport's own on_recv (a command that ends the session).
+  std::vector<std::unique_ptr<tls::transport>> tls_dead_;
   // Declared before the reactor so that it goes after it: the ring (whose SQEs may point
   // into the slots' send buffers) is torn down first. Armed timers are unlinked by the
   // wheel's destructor.
@@ -340,6 +396,11 @@ bool worker::init(std::string& err) {
   ro.required_ops = {{IORING_OP_ACCEPT, "ACCEPT"}, {IORING_OP_RECV, "RECV"}, {IORING_OP_SEND, "SEND"}};
   if (!rx_.init(ro, err)) return false;
   rx_.set_handler(core::owner::user, this);
+  if (g_.tls_available) {
+    tls_ctx_ = make_server_context(o_, g_.tickets, err);
+    if (!tls_ctx_) return false;
+    tls_dead_.reserve(64);
+  }
   slots_.init(o_.connections);
   for (uint32_t i = 0; i < o_.connections; ++i) {
     conn& c = slots_[i];
@@ -361,6 +422,7 @@ void worker::run() {
 }
 
 void worker::flush() {
+  tls_dead_.clear();
   if (!stopping_)
     for (uint32_t li = 0; li < listen_fds_.size(); ++li)
       if (!accept_armed_[li]) arm_accept(li);
@@ -434,6 +496,8 @@ void worker::on_accept(uint32_t li, const io_uring_cqe& cqe) {
   c.errors = 0;
   c.tp = &net::plain_transport::instance();
   c.tls.reset();
+  c.tls_counted = false;
+  c.tls_shutdown = false;
   c.in.clear();
   c.app_out.clear();
   c.wire_next.clear();
@@ -445,6 +509,11 @@ void worker::on_accept(uint32_t li, const io_uring_cqe& cqe) {
   bump(ctr_.connections);
   c.tmr.data = ud(op_timer, idx, c.gen);
   rx_.timers().arm(c.tmr, c.last_ms + uint64_t(o_.timeout) * 1000);
+  // Implicit TLS: the greeting waits inside the transport until the handshake is done.
+  if (o_.tls_wrapper && !start_tls(c)) {
+    abort(c);
+    return;
+  }
   // The greeting.
   if (!o_.greeting.empty()) {
     const rule& r = g_.greeting;
@@ -467,6 +536,36 @@ void worker::on_accept(uint32_t li, const io_uring_cqe& cqe) {
   pump(c);
 }
 
+// Counts a TLS handshake once: done (and resumed) or failed.
+void worker::count_tls(conn& c) {
+  if (c.tls_counted || !c.tls) return;
+  if (c.tls->handshake_done()) {
+    c.tls_counted = true;
+    bump(ctr_.tls_handshakes);
+    if (c.tls->resumed()) bump(ctr_.tls_resumed);
+    if (o_.log)
+      fmt::format_to(std::back_inserter(logbuf_), "tern-sink: tls {} {}{}\n", c.tls->protocol(), c.tls->cipher(),
+                     c.tls->resumed() ? " resumed" : "");
+  } else if (c.tls->failed()) {
+    c.tls_counted = true;
+    bump(ctr_.tls_failed);
+    if (o_.log) {
+      logbuf_.append("tern-sink: tls handshake failed: ");
+      append_sanitised(logbuf_, c.tls->error());
+      logbuf_.append("\n");
+    }
+  }
+}
+
+// The transport failed (a TLS error) or the peer closed it (close_notify). Nothing more
+// goes through it; after an error, the alert it produced (in wire_next) is still sent.
+void worker::drop_tls(conn& c) {
+  c.app_out.clear();
+  if (c.wire_next.empty() && c.tx_off >= c.tx.size()) return abort(c);
+  begin_close(c);
+  pump(c);
+}
+
 void worker::on_recv(conn& c, const io_uring_cqe& cqe) {
   if (!(cqe.flags & IORING_CQE_F_MORE)) c.recv_armed = false;
   const int res = cqe.res;
@@ -475,10 +574,11 @@ void worker::on_recv(conn& c, const io_uring_cqe& cqe) {
     if (bid >= 0) {
       if (!c.closing) {
         c.last_ms = rx_.now_ms();
-        if (c.tp->on_recv(rx_.buffers().buffer(uint16_t(bid)), size_t(res), c, c.wire_next) !=
-            net::transport_status::ok) {
+        auto ts = c.tp->on_recv(rx_.buffers().buffer(uint16_t(bid)), size_t(res), c, c.wire_next);
+        if (c.tls) count_tls(c);
+        if (ts != net::transport_status::ok) {
           rx_.buffers().recycle(uint16_t(bid));
-          abort(c);
+          drop_tls(c);
           return;
         }
       }
@@ -648,7 +748,7 @@ void worker::command(conn& c, std::string_view line) {
     if (cmd.v == smtp::verb::helo)
       c.app_out.append("\r\n");
     else
-      c.app_out.append(g_.ehlo_reply);
+      c.app_out.append(c.tls ? g_.ehlo_reply_tls : g_.ehlo_reply);
     return;
   }
   switch (cmd.v) {
@@ -717,6 +817,7 @@ void worker::command(conn& c, std::string_view line) {
     case smtp::verb::help:
       return reply(c, "214 2.0.0 tern-sink\r\n");
     case smtp::verb::starttls:
+      if (!cmd.arg.empty()) return bad("501 5.5.4 Syntax error (no parameters allowed)\r\n");
       return starttls(c);
     case smtp::verb::bdat:
     case smtp::verb::expn:
@@ -727,19 +828,30 @@ void worker::command(conn& c, std::string_view line) {
   }
 }
 
+// A new server transport for the connection (STARTTLS or --tls-wrapper); false when
+// wolfSSL cannot make one (out of memory).
+bool worker::start_tls(conn& c) {
+  std::string err;
+  c.tls = tls::transport::server(*tls_ctx_, err);
+  if (!c.tls) {
+    fmt::print(stderr, "tern-sink: {}\n", err);
+    return false;
+  }
+  c.tls_counted = false;
+  c.tp = c.tls.get();
+  return true;
+}
+
 void worker::starttls(conn& c) {
-  if (!g_.tls_available) return reply(c, "454 4.7.0 TLS not available\r\n");
   if (c.tls) return reply(c, "503 5.5.1 TLS already active\r\n");
-  std::unique_ptr<net::transport> t = make_server_tls_transport(o_);
-  if (!t) return reply(c, "454 4.7.0 TLS not available\r\n");
+  if (!g_.tls_available || !o_.starttls) return reply(c, "454 4.7.0 TLS not available\r\n");
   // The 220 leaves in plaintext, through the old transport, before anything of the new one
   // (the handshake bytes the new transport appends to wire_next come after it).
   reply(c, "220 2.0.0 Ready to start TLS\r\n");
   std::string wire;
   if (c.tp->on_send(c.app_out, wire) != net::transport_status::ok) return abort(c);
   c.wire_next.append(wire);
-  c.tls = std::move(t);
-  c.tp = c.tls.get();
+  if (!start_tls(c)) return abort(c);
   // RFC 3207 4.2: the session starts over, and the client's pipelined plaintext after the
   // command is discarded (the STARTTLS command injection defence, CVE-2011-0411).
   c.helo = false;
@@ -773,7 +885,11 @@ bool worker::save(conn& c, const std::vector<const rule*>& outcome, std::string&
     hdr_.append("\n");
   }
   hdr_.append("X-Sink-TLS: ");
-  hdr_.append(c.tp->secure() ? c.tp->name() : std::string_view("none"));
+  if (c.tls && c.tls->handshake_done()) {
+    hdr_.append(c.tls->protocol()).append(" ").append(c.tls->cipher());  // "TLSv1.3 TLS13-AES128-GCM-SHA256"
+  } else {
+    hdr_.append("none");
+  }
   hdr_.append("\n\n");
 
   timespec ts;
@@ -972,10 +1088,23 @@ void worker::maybe_finish_close(conn& c) {
     pump(c);
     return;
   }
+  if (!c.lost && c.tls && c.tls->handshake_done() && !c.tls->failed() && !c.tls_shutdown) {
+    // A clean end inside TLS (221, 421): close_notify after the last reply, so the client
+    // can tell it from a truncation.
+    c.tls_shutdown = true;
+    if (c.tls->shutdown(c.wire_next) == net::transport_status::ok && !c.wire_next.empty()) {
+      pump(c);
+      return;
+    }
+  }
   ::close(c.fd);
   c.fd = -1;
   if (c.tmr.armed()) rx_.timers().cancel(c.tmr);
-  c.tls.reset();
+  if (c.tls) {
+    count_tls(c);  // a handshake that completed in the packet that also ended the session
+    if (!c.tls_counted) bump(ctr_.tls_failed);  // the client left during the handshake
+    tls_dead_.push_back(std::move(c.tls));      // possibly inside its on_recv: freed in flush()
+  }
   c.tp = &net::plain_transport::instance();
   // The memory a burst used goes back; the usual sizes stay for the next connection.
   for (std::string* b : {&c.in, &c.app_out, &c.wire_next, &c.tx, &c.body, &c.rcpt_buf})
@@ -1029,7 +1158,7 @@ void worker::begin_stop() {
 
 void print_counters(const global& g, const std::vector<std::unique_ptr<worker>>& ws, const char* what) {
   uint64_t conns = 0, full = 0, msgs = 0, mref = 0, racc = 0, rref = 0, bytes = 0, tmo = 0, paused = 0;
-  uint64_t first = 0, last = 0;
+  uint64_t first = 0, last = 0, tls_hs = 0, tls_res = 0, tls_fail = 0;
   for (auto& w : ws) {
     const counters& c = w->ctr();
     conns += c.connections.load(std::memory_order_relaxed);
@@ -1041,6 +1170,9 @@ void print_counters(const global& g, const std::vector<std::unique_ptr<worker>>&
     bytes += c.bytes.load(std::memory_order_relaxed);
     tmo += c.timeouts.load(std::memory_order_relaxed);
     paused += c.output_paused.load(std::memory_order_relaxed);
+    tls_hs += c.tls_handshakes.load(std::memory_order_relaxed);
+    tls_res += c.tls_resumed.load(std::memory_order_relaxed);
+    tls_fail += c.tls_failed.load(std::memory_order_relaxed);
     uint64_t f = c.first_ms.load(std::memory_order_relaxed), l = c.last_ms.load(std::memory_order_relaxed);
     if (f && (!first || f < first)) first = f;
     if (l > last) last = l;
@@ -1050,8 +1182,9 @@ void print_counters(const global& g, const std::vector<std::unique_ptr<worker>>&
   double up = double(core::monotonic_ms() - g.start_ms) / 1000.0;
   fmt::print(stderr,
              "tern-sink: {}: connections={} refused_full={} messages={} messages_refused={} rcpts_accepted={} "
-             "rcpts_refused={} bytes={} timeouts={} output_paused={} uptime={:.3f}s busy={:.3f}s rate={:.0f} msg/s\n",
-             what, conns, full, msgs, mref, racc, rref, bytes, tmo, paused, up, span,
+             "rcpts_refused={} bytes={} timeouts={} output_paused={} tls_handshakes={} tls_resumed={} tls_failed={} "
+             "uptime={:.3f}s busy={:.3f}s rate={:.0f} msg/s\n",
+             what, conns, full, msgs, mref, racc, rref, bytes, tmo, paused, tls_hs, tls_res, tls_fail, up, span,
              span > 0 ? double(msgs) / span : 0.0);
   fflush(stderr);
 }
@@ -1094,7 +1227,15 @@ int main(int argc, char** argv) {
   app.add_option("--save", o.save_dir, "write each accepted message into this directory");
   app.add_flag("--fsync", o.fsync, "fsync each saved message before its reply");
   app.add_flag("--log", o.log, "one line per message on stdout");
+  app.add_option("--tls-cert", o.tls_cert, "certificate chain (PEM): offer STARTTLS (with --tls-key)");
+  app.add_option("--tls-key", o.tls_key, "private key (PEM) of --tls-cert");
+  app.add_option("--tls-min-version", o.tls_min_version, "lowest TLS version accepted: 1.2 or 1.3");
+  app.add_option("--tls-max-version", o.tls_max_version, "highest TLS version offered: 1.3, or 1.2 for a TLS 1.2-only sink");
+  bool no_starttls = false;
+  app.add_flag("--no-starttls", no_starttls, "do not advertise (or accept) STARTTLS even with a certificate");
+  app.add_flag("--tls-wrapper", o.tls_wrapper, "TLS from the first byte on every listener (implicit TLS, like port 465)");
   CLI11_PARSE(app, argc, argv);
+  o.starttls = !no_starttls;
   if (!listen.empty()) o.listen = listen;
   o.pipelining = !no_pipe;
   o.eightbit = !no_8bit;
@@ -1132,7 +1273,47 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "tern-sink: --recv-buffers must be a power of 2\n");
     return 2;
   }
-  g.tls_available = make_server_tls_transport(o) != nullptr;
+  // TLS: both files or neither; probed here (one context, then dropped) so that a bad file
+  // is one clear start-up error naming it, not a failure on every worker thread.
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    fmt::print(stderr, "tern-sink: --tls-cert and --tls-key go together\n");
+    return 2;
+  }
+  {
+    tls::version v;
+    if (!tls::parse_version(o.tls_min_version, v) || !tls::parse_version(o.tls_max_version, v)) {
+      fmt::print(stderr, "tern-sink: --tls-min-version and --tls-max-version must be 1.2 or 1.3\n");
+      return 2;
+    }
+    if (o.tls_min_version > o.tls_max_version) {
+      fmt::print(stderr, "tern-sink: --tls-min-version {} is above --tls-max-version {}\n", o.tls_min_version,
+                 o.tls_max_version);
+      return 2;
+    }
+  }
+  if (o.tls_wrapper && o.tls_cert.empty()) {
+    fmt::print(stderr, "tern-sink: --tls-wrapper needs --tls-cert and --tls-key\n");
+    return 2;
+  }
+  if (!o.tls_cert.empty()) {
+    for (auto [flag, file] : {std::pair{"--tls-cert", &o.tls_cert}, std::pair{"--tls-key", &o.tls_key}}) {
+      if (::access(file->c_str(), R_OK) != 0) {
+        fmt::print(stderr, "tern-sink: {} {}: {}\n", flag, *file, strerror(errno));
+        return 2;
+      }
+    }
+    if (!tls::library_init(err)) {
+      fmt::print(stderr, "tern-sink: {}\n", err);
+      return 2;
+    }
+    g.tickets = tls::ticket_key::create(err);
+    if (!g.tickets || !make_server_context(o, g.tickets, err)) {
+      fmt::print(stderr, "tern-sink: {}\n", err);
+      return 2;
+    }
+    tls::thread_cleanup();
+    g.tls_available = true;
+  }
   // Capabilities, after "250-hostname".
   std::string& e = g.ehlo_reply;
   e = "\r\n";
@@ -1144,7 +1325,8 @@ int main(int argc, char** argv) {
   if (o.eightbit) e += "250-8BITMIME\r\n";
   if (o.smtputf8) e += "250-SMTPUTF8\r\n";
   if (o.dsn) e += "250-DSN\r\n";
-  if (g.tls_available) e += "250-STARTTLS\r\n";
+  g.ehlo_reply_tls = e + "250 ENHANCEDSTATUSCODES\r\n";
+  if (g.tls_available && o.starttls && !o.tls_wrapper) e += "250-STARTTLS\r\n";
   e += "250 ENHANCEDSTATUSCODES\r\n";
 
   // Listeners: one socket per thread and address (SO_REUSEPORT); port 0 is resolved by the
@@ -1193,6 +1375,7 @@ int main(int argc, char** argv) {
       }
       p->set_value("");
       ws[t]->run();
+      if (g.tls_available) tls::thread_cleanup();
     });
   }
   int rc = 0;
@@ -1217,5 +1400,7 @@ int main(int argc, char** argv) {
   for (auto& w : ws) w->wake();
   for (auto& th : threads) th.join();
   print_counters(g, ws, "exit");
+  ws.clear();  // the threads' TLS contexts and transports, before wolfSSL goes
+  if (g.tls_available) tls::library_cleanup();
   return rc;
 }

@@ -1,16 +1,19 @@
 """tern-sink (tools/tern_sink.cc), the SMTP/LMTP sink tern's delivery tests relay to, with
-real clients: Python smtplib (SMTP and LMTP), swaks, tern-load, raw sockets."""
+real clients: Python smtplib (SMTP and LMTP, STARTTLS), swaks (--tls needs Debian's
+libnet-ssleay-perl), openssl s_client, tern-load, raw sockets."""
 import os
+import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TERN_LOAD, read_until_closed, recv_reply, smtp_dialogue
+from conftest import TERN_LOAD, TERN_SINK, read_until_closed, recv_reply, smtp_dialogue
 
 
 def saved(sink):
@@ -50,7 +53,7 @@ def test_plain_message_with_smtplib_is_counted_and_capabilities_are_advertised(s
         assert code == 250
         for ext in ("pipelining", "size", "8bitmime", "smtputf8", "dsn", "enhancedstatuscodes"):
             assert c.has_extn(ext), ext
-        assert not c.has_extn("starttls")  # no TLS transport yet: never advertised
+        assert not c.has_extn("starttls")  # no --tls-cert: never advertised
         assert c.sendmail("a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nhello\r\n") == {}
     n = stop_counters(s)
     assert n["connections"] == "1" and n["messages"] == "1" and n["rcpts_accepted"] == "1", s.err()
@@ -447,3 +450,241 @@ def test_smtp_source_and_lmtp_smtp_source(sink_factory):
     assert r.returncode == 0, r.stdout + r.stderr
     n = stop_counters(s)
     assert n["messages"] == "50" and n["rcpts_accepted"] == "150", s.err()
+
+
+# ---- TLS (--tls-cert/--tls-key: STARTTLS; --tls-wrapper: implicit TLS) -------------------
+
+TLS13_SUITE = re.compile(r"TLSv1\.3 TLS13-(AES128-GCM-SHA256|AES256-GCM-SHA384|CHACHA20-POLY1305-SHA256)")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA made for this run and a sink certificate it signed (sink.test and 127.0.0.1)."""
+    d = tmp_path_factory.mktemp("certs")
+
+    def sh(*args):
+        subprocess.run(args, cwd=d, check=True, capture_output=True)
+
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", "ca.key", "-out", "ca.crt", "-days", "30", "-subj", "/CN=tern sink test CA")
+    sh("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", "sink.key", "-out", "sink.csr", "-subj", "/CN=sink.test")
+    (d / "ext.cnf").write_text("subjectAltName=DNS:sink.test,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    sh("openssl", "x509", "-req", "-in", "sink.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+       "-out", "sink.crt", "-days", "30", "-extfile", "ext.cnf")
+    return d
+
+
+def tls_args(certs, *more):
+    return ("--tls-cert", str(certs / "sink.crt"), "--tls-key", str(certs / "sink.key")) + more
+
+
+def client_context(certs, **kw):
+    """Verifies the chain up to the test CA and the name (127.0.0.1 is an IP SAN)."""
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+def s_client(port, certs, *args, stdin=b"EHLO client.test\r\nQUIT\r\n"):
+    """`openssl s_client -starttls smtp`; -ign_eof: it runs until the sink closes the
+    connection (after the QUIT's 221), not until its stdin ends."""
+    p = subprocess.Popen(["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}",
+                          "-CAfile", str(certs / "ca.crt"), "-verify_return_error", "-brief", "-ign_eof", *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p.stdin.write(stdin)
+    p.stdin.flush()
+    try:
+        out, _ = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return p.returncode, out.decode(errors="replace")
+
+
+def test_starttls_with_smtplib_verifies_chain_and_saved_file_records_tls(sink_factory, tmp_path, certs):
+    s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
+    with smtplib.SMTP(s.host, s.port, local_hostname="client.test") as c:
+        c.ehlo()
+        assert c.has_extn("starttls")
+        assert c.starttls(context=client_context(certs))[0] == 220  # the chain and the name verified
+        assert c.sock.version() == "TLSv1.3"
+        c.ehlo()  # capabilities again, now without STARTTLS (RFC 3207 4.2)
+        assert not c.has_extn("starttls") and c.has_extn("pipelining") and c.has_extn("size")
+        assert c.docmd("STARTTLS") == (503, b"5.5.1 TLS already active")
+        assert c.sendmail("a@example.org", ["b@example.net"], b"Subject: tls\r\n\r\nsecret\r\n") == {}
+    n = stop_counters(s)
+    assert n["tls_handshakes"] == "1" and n["tls_failed"] == "0" and n["messages"] == "1", s.err()
+    [(head, content)] = saved(s)
+    tls_line = [l for l in head.splitlines() if l.startswith("X-Sink-TLS: ")]
+    assert len(tls_line) == 1 and TLS13_SUITE.fullmatch(tls_line[0][len("X-Sink-TLS: "):]), head
+    assert content == b"Subject: tls\r\n\r\nsecret\r\n"
+
+
+def test_large_messages_over_tls_are_byte_exact(sink_factory, tmp_path, certs):
+    """Bodies spanning many TLS records and receive buffers, two in one session."""
+    s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
+    bodies = [b"Subject: big %d\r\n\r\n" % i + b"".join(b"line %06d %s\r\n" % (n, b".x" * (n % 40))
+                                                        for n in range(6000 * (i + 1))) for i in range(2)]
+    with smtplib.SMTP(s.host, s.port) as c:
+        c.starttls(context=client_context(certs))
+        for b in bodies:
+            assert c.sendmail("a@x.test", ["b@y.test"], b) == {}
+    n = stop_counters(s)
+    assert n["messages"] == "2" and n["bytes"] == str(sum(map(len, bodies))), s.err()
+    assert [content for _, content in saved(s)] == bodies
+
+
+def test_plain_session_still_records_no_tls_with_a_certificate(sink_factory, tmp_path, certs):
+    s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
+    with smtplib.SMTP(s.host, s.port) as c:
+        assert c.sendmail("a@x.test", ["b@y.test"], b"Subject: p\r\n\r\nplain\r\n") == {}
+    stop_counters(s)
+    [(head, _)] = saved(s)
+    assert "X-Sink-TLS: none" in head.splitlines()
+
+
+def test_swaks_tls(sink_factory, tmp_path, certs):
+    s = saving_sink(sink_factory, tmp_path, *tls_args(certs))
+    # --pipeline: MAIL, RCPT and DATA arrive in one TLS record.
+    r = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", str(s.port), "--tls", "--pipeline",
+                        "--ehlo", "client.test",
+                        "--from", "a@example.org", "--to", "b@example.net", "--body", "via swaks"],
+                       capture_output=True, timeout=30)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, out + r.stderr.decode(errors="replace")
+    assert "TLS started" in out and "STARTTLS" in out
+    assert stop_counters(s)["tls_handshakes"] == "1"
+    [(head, _)] = saved(s)
+    assert TLS13_SUITE.search(head), head
+
+
+def test_openssl_s_client_starttls_smtp_negotiates_tls13(sink_factory, certs):
+    s = sink_factory(*tls_args(certs))
+    rc, out = s_client(s.port, certs)
+    assert "Protocol version: TLSv1.3" in out and "Verification: OK" in out, out
+    assert "250 ENHANCEDSTATUSCODES" in out and "221 2.0.0 Bye" in out, out
+    # The EHLO reply inside TLS does not offer STARTTLS again.
+    assert "STARTTLS" not in out.split("Verification: OK", 1)[1], out
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded(sink_factory, certs):
+    """RFC 3207 4.2 / CVE-2011-0411: a command injected in the same packet as STARTTLS
+    must not be executed inside the TLS session."""
+    s = sink_factory(*tls_args(certs))
+    with socket.create_connection((s.host, s.port), timeout=5) as raw:
+        assert recv_reply(raw).startswith(b"220 ")
+        raw.sendall(b"EHLO client.test\r\nSTARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        got = b""
+        while b"220 2.0.0 Ready to start TLS\r\n" not in got:
+            chunk = raw.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got.endswith(b"220 2.0.0 Ready to start TLS\r\n"), got  # nothing for the injected MAIL
+        with client_context(certs).wrap_socket(raw, server_hostname="127.0.0.1") as t:
+            t.sendall(b"EHLO client.test\r\n")
+            ehlo = recv_reply(t)
+            assert ehlo.startswith(b"250-") and b"STARTTLS" not in ehlo, ehlo
+            # Had the injected MAIL run, this RCPT would be accepted.
+            t.sendall(b"RCPT TO:<b@y.test>\r\n")
+            assert recv_reply(t) == b"503 5.5.1 Need MAIL command\r\n"
+            t.sendall(b"QUIT\r\n")
+            assert recv_reply(t).startswith(b"221 ")
+    n = stop_counters(s)
+    assert n["tls_handshakes"] == "1" and n["messages"] == "0"
+
+
+def test_garbage_instead_of_client_hello_is_dropped_and_counted(sink_factory, certs):
+    s = sink_factory(*tls_args(certs))
+    with socket.create_connection((s.host, s.port), timeout=5) as raw:
+        recv_reply(raw)
+        raw.sendall(b"EHLO client.test\r\n")
+        recv_reply(raw)
+        raw.sendall(b"STARTTLS\r\n")
+        assert recv_reply(raw) == b"220 2.0.0 Ready to start TLS\r\n"
+        raw.sendall(b"MAIL FROM:<not-a-client-hello@x.test>\r\n" * 4)
+        tail = read_until_closed(raw)  # dropped: at most a TLS alert, never an SMTP reply
+        assert b"250" not in tail and b"503" not in tail, tail
+    # The sink goes on serving.
+    with smtplib.SMTP(s.host, s.port) as c:
+        c.starttls(context=client_context(certs))
+        assert c.noop()[0] == 250
+    n = stop_counters(s)
+    assert n["tls_failed"] == "1" and n["tls_handshakes"] == "1", s.err()
+
+
+def test_tls12_only_sink_negotiates_12_and_refuses_13(sink_factory, certs):
+    s = sink_factory(*tls_args(certs, "--tls-max-version", "1.2"))
+    rc, out = s_client(s.port, certs, "-tls1_2")
+    assert "Protocol version: TLSv1.2" in out and "221 2.0.0 Bye" in out, out
+    rc, out = s_client(s.port, certs, "-tls1_3")
+    assert rc != 0 and "CONNECTION ESTABLISHED" not in out, out
+    # A client whose minimum is TLS 1.3 (as tern's is by default) fails the same way.
+    with smtplib.SMTP(s.host, s.port) as c:
+        with pytest.raises(ssl.SSLError):
+            c.starttls(context=client_context(certs, minimum_version=ssl.TLSVersion.TLSv1_3))
+    n = stop_counters(s)
+    assert n["tls_handshakes"] == "1" and n["tls_failed"] == "2", s.err()
+
+
+def test_min_version_13_refuses_a_tls12_client(sink_factory, certs):
+    s = sink_factory(*tls_args(certs, "--tls-min-version", "1.3"))
+    rc, out = s_client(s.port, certs, "-tls1_2")
+    assert rc != 0 and "CONNECTION ESTABLISHED" not in out, out
+    rc, out = s_client(s.port, certs)
+    assert "Protocol version: TLSv1.3" in out, out
+
+
+def test_tickets_resume_across_threads(sink_factory, tmp_path, certs):
+    """One process-wide ticket key: a session from one thread resumes on the others."""
+    s = sink_factory(*tls_args(certs, "--threads", "2"))
+    sess = tmp_path / "sess.pem"
+    rc, out = s_client(s.port, certs, "-sess_out", str(sess))
+    assert "Protocol version: TLSv1.3" in out and sess.exists(), out
+    for _ in range(6):  # SO_REUSEPORT spreads these over both threads (all on one: 1 in 64)
+        rc, out = s_client(s.port, certs, "-sess_in", str(sess))
+        assert "221 2.0.0 Bye" in out, out
+    n = stop_counters(s)
+    assert n["tls_handshakes"] == "7" and n["tls_resumed"] == "6", n
+
+
+def test_no_starttls_hides_it_even_with_a_certificate(sink_factory, certs):
+    s = sink_factory(*tls_args(certs, "--no-starttls"))
+    with smtplib.SMTP(s.host, s.port) as c:
+        c.ehlo()
+        assert not c.has_extn("starttls")
+        assert c.docmd("STARTTLS") == (454, b"4.7.0 TLS not available")
+        assert c.docmd("STARTTLS now")[0] == 501
+
+
+def test_tls_wrapper_is_tls_from_the_first_byte(sink_factory, tmp_path, certs):
+    s = saving_sink(sink_factory, tmp_path, *tls_args(certs, "--tls-wrapper"))
+    with smtplib.SMTP_SSL(s.host, s.port, context=client_context(certs)) as c:
+        c.ehlo()
+        assert not c.has_extn("starttls")
+        assert c.sendmail("a@x.test", ["b@y.test"], b"Subject: w\r\n\r\nwrapped\r\n") == {}
+    # A plaintext client gets no greeting: its EHLO is not a ClientHello.
+    with socket.create_connection((s.host, s.port), timeout=5) as raw:
+        raw.sendall(b"EHLO client.test\r\n")
+        assert not read_until_closed(raw).startswith(b"220")
+    n = stop_counters(s)
+    assert n["tls_handshakes"] == "1" and n["tls_failed"] == "1", s.err()
+    [(head, _)] = saved(s)
+    assert TLS13_SUITE.search(head), head
+
+
+@pytest.mark.parametrize("case", ["missing", "not_pem", "cert_only", "wrapper_without_cert", "max_below_min"])
+def test_bad_tls_options_are_a_clear_startup_error(tmp_path, certs, case):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    args, expect = {
+        "missing": (tls_args(certs)[:1] + (str(tmp_path / "nope.crt"),) + tls_args(certs)[2:], str(tmp_path / "nope.crt")),
+        "not_pem": (("--tls-cert", str(bad), "--tls-key", str(certs / "sink.key")), f"certificate chain {bad}"),
+        "cert_only": (("--tls-cert", str(certs / "sink.crt")), "--tls-cert and --tls-key go together"),
+        "wrapper_without_cert": (("--tls-wrapper",), "--tls-wrapper needs --tls-cert"),
+        "max_below_min": (tls_args(certs, "--tls-min-version", "1.3", "--tls-max-version", "1.2"), "above"),
+    }[case]
+    r = subprocess.run([TERN_SINK, "--listen", "127.0.0.1:0", *args], capture_output=True, timeout=10)
+    assert r.returncode == 2 and expect in r.stderr.decode(), r.stderr.decode()
+    assert b"listening" not in r.stdout
