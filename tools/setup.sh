@@ -33,6 +33,9 @@ pkgs=(
   libc-ares-dev dnsmasq-base
   # real clients and peers for the integration tests and benchmarks
   python3 python3-pytest swaks postfix haproxy keepalived iproute2 util-linux procps
+  # dovecot's LMTP server: the mailbox next hop of tests/integration/test_delivery_peers.py,
+  # which runs its own instance; the system's dovecot is never started (below)
+  dovecot-core dovecot-lmtpd
   # the power-loss test's FUSE file system (tests/fuse): library to build, fusermount3 to run
   fuse3 libfuse3-dev
   # the local wolfSSL rebuild (below): Debian's own source package, built with its tools
@@ -52,8 +55,25 @@ if [ ${#missing[@]} -ne 0 ]; then
   # postfix: installed for its tools (smtp-source, smtp-sink) and as the benchmark peer;
   # "No configuration" keeps the package from starting a system mailer on port 25.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  # No service starts during the install: a policy-rc.d that refuses every action (the
+  # tests run private postfix and dovecot instances on free loopback ports; a system
+  # dovecot would bind 110/143/993/995 and LMTP on every address). invoke-rc.d and
+  # deb-systemd-invoke both ask it. A policy-rc.d already there (Docker's) is kept.
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# tools/setup.sh: no service starts while tern installs packages\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  # ...nor at the next boot: dovecot's units are enabled by the package (dovecot.socket
+  # listens on 143 and 993). Only when this run installed it, and only under systemd.
+  if [[ " ${missing[*]} " == *" dovecot-core "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now dovecot.socket dovecot.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # wolfSSL, rebuilt from Debian's own source package. Debian's libwolfssl 5.5.4 is built
