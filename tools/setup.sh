@@ -32,7 +32,7 @@ pkgs=(
   # DNS for delivery (src/dns): c-ares, and dnsmasq as the real DNS server of its tests
   libc-ares-dev dnsmasq-base
   # real clients and peers for the integration tests and benchmarks
-  python3 python3-pytest swaks postfix haproxy keepalived iproute2 util-linux procps
+  python3 python3-pytest swaks libnet-ssleay-perl postfix haproxy keepalived iproute2 util-linux procps
   # dovecot's LMTP server: the mailbox next hop of tests/integration/test_delivery_peers.py,
   # which runs its own instance; the system's dovecot is never started (below)
   dovecot-core dovecot-lmtpd
