@@ -612,3 +612,24 @@ def test_success_notification_when_asked_and_the_next_hop_has_no_dsn(ternd_facto
     assert b"Original-Envelope-Id: tern+2Dtest" in dsn
     assert b"Original-Recipient: rfc822; ok@example.com" in dsn
     assert b"text/rfc822-headers" in dsn
+
+
+def test_fewer_shards_after_a_restart_adopt_the_queue(ternd_factory, sinks):
+    """Mail queued by two shards, then ternd restarted with one: the segments of shard 1
+    are adopted by shard 0 and everything is delivered; nothing is orphaned."""
+    port = free_port()
+    t = ternd_factory(shards=2, extra=smarthost(port) + queue_cfg(retry='["1s"]')).start()
+    for i in range(20):
+        send(t.port, [f"r{i}@example.com"], subject=f"adopt-{i}")
+    assert wait_for(lambda: len(t.spool_list()) == 20)
+    # SO_REUSEPORT spread the 20 connections over both shards: some mail is in shard 1's segment.
+    segs = {t.spool_dump(m["id"])["segment"].rsplit("-", 1)[1] for m in t.spool_list()}
+    assert segs == {"0.seg", "1.seg"}, segs
+    assert t.stop() == 0
+    t.config.write_text(t.config.read_text().replace("shards = 2", "shards = 1"))
+    sink = sinks(port=port)
+    t.start()
+    assert wait_for(lambda: len(sink.messages()) == 20, timeout=20), t.log()[-3000:]
+    assert wait_for(lambda: t.spool_list() == [])
+    got = b"".join(sink.messages())
+    assert all(f"adopt-{i}@origin.test".encode() in got for i in range(20))
