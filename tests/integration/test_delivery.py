@@ -340,9 +340,10 @@ class StarttlsServer:
     and accepts every message. `inject` is sent in clear right after the 220 to STARTTLS;
     max_version limits the TLS versions it speaks."""
 
-    def __init__(self, cert, key, inject=b"", max_version=None, offer_starttls=True):
+    def __init__(self, cert, key, inject=b"", max_version=None, offer_starttls=True, auth=None):
         self.port = free_port()
-        self.cleartext, self.messages = [], []
+        self.cleartext, self.messages, self.auth_seen = [], [], []
+        self.auth = auth  # None: no AUTH offered; else the expected "\0user\0password"
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert, key)
         if max_version:
@@ -380,7 +381,15 @@ class StarttlsServer:
                 caps = b"250-smarthost.test\r\n250-PIPELINING\r\n"
                 if self.offer and not tls:
                     caps += b"250-STARTTLS\r\n"
+                if self.auth is not None and tls:
+                    caps += b"250-AUTH PLAIN LOGIN\r\n"
                 c.sendall(caps + b"250 8BITMIME\r\n")
+            elif cmd.startswith(b"AUTH"):
+                import base64
+                self.auth_seen.append((tls, line))
+                parts = line.split()
+                ok = len(parts) == 3 and base64.b64decode(parts[2]) == self.auth
+                c.sendall(b"235 2.7.0 ok\r\n" if ok else b"535 5.7.8 bad credentials\r\n")
             elif cmd == b"STARTTLS":
                 c.sendall(b"220 2.0.0 go ahead\r\n" + self.inject)
                 c = self.ctx.wrap_socket(c, server_side=True)
@@ -633,3 +642,19 @@ def test_fewer_shards_after_a_restart_adopt_the_queue(ternd_factory, sinks):
     assert wait_for(lambda: t.spool_list() == [])
     got = b"".join(sink.messages())
     assert all(f"adopt-{i}@origin.test".encode() in got for i in range(20))
+
+
+def test_auth_plain_only_inside_tls(ternd_factory, pki, tmp_path):
+    srv = StarttlsServer(pki / "server.pem", pki / "server.key", auth=b"\0relayuser\0s3cret")
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    try:
+        hop = tls_hop(srv.port, pki) + f'auth_user = "relayuser"\nauth_password_file = "{pw}"\n'
+        t = ternd_factory(extra=hop + queue_cfg(retry='["1h"]')).start()
+        send(t.port, ["a@example.com"], subject="auth")
+        assert wait_for(lambda: srv.messages, timeout=10), t.log()
+        assert srv.auth_seen and all(tls for tls, _ in srv.auth_seen), srv.auth_seen
+        assert srv.auth_seen[0][1].split()[1].upper() == b"PLAIN"
+        assert clear_commands(srv) <= {b"EHLO", b"STARTTLS"}
+    finally:
+        srv.close()
