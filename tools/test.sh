@@ -31,10 +31,15 @@ check_wolfssl() {  # dir
   local b
   for b in "$1"/src/ternd "$1"/tests/test_tls "$1"/bench/tls_bench; do
     [ -x "$b" ] || continue
-    if ldd "$b" | grep -q 'libwolfssl\.so'; then
+    # Whole outputs into variables: `nm | grep -q` under pipefail fails when grep stops
+    # reading early and nm gets SIGPIPE (which made this check fail at random).
+    local libs syms
+    libs=$(ldd "$b" 2>/dev/null || true)
+    syms=$(nm "$b" 2>/dev/null || true)
+    if grep -q 'libwolfssl\.so' <<<"$libs"; then
       echo "FAILED: $b uses the shared (slow) libwolfssl, not $wolfssl_pc"; return 1
     fi
-    if nm "$b" 2>/dev/null | grep -q ' T wolfSSL_new$' && ! nm "$b" | grep -q 'AES_GCM_encrypt_avx'; then
+    if grep -q ' T wolfSSL_new$' <<<"$syms" && ! grep -q 'AES_GCM_encrypt_avx' <<<"$syms"; then
       echo "FAILED: $b has a wolfSSL without AES-NI/AVX"; return 1
     fi
   done
