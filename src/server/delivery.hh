@@ -89,6 +89,12 @@ class delivery final : private core::completion_handler {
 
   const delivery_counters& counters() const noexcept { return ctr_; }
   size_t queued() const noexcept { return mgr_.queued(); }
+  // TLS 1.3 resumptions over all client contexts (each counts its own).
+  uint64_t tls_resumed() const noexcept {
+    uint64_t n = 0;
+    for (const auto& [k, c] : tls_ctx_) n += c->stats().resumed;
+    return n;
+  }
 
  private:
   enum op : unsigned { op_connect = 1, op_recv = 2, op_send = 3, op_close = 4, op_open = 5, op_read = 6,

@@ -148,6 +148,15 @@ void shard::log_stats(const char* what) {
             ctr_.proxy_errors.load(), ctr_.enobufs.load(), ctr_.input_paused.load(), ctr_.output_paused.load(),
             ctr_.memory_paused.load(), ctr_.message_memory.load(), ctr_.message_memory_peak.load(),
             ctr_.send_timeouts.load(), ctr_.timeouts.load(), lc.iterations.load(), lc.sq_full.load());
+  if (delivery_) {
+    const auto& d = delivery_->counters();
+    log::info("shard {}: {}: delivery: queued={} connections={} connect_failures={} messages_sent={} "
+              "delivered={} deferred={} bounced={} tls_handshakes={} tls_resumed={} tls_failures={} "
+              "dns_failures={} loads={} load_failures={} segments_removed={}",
+              setup_.index, what, delivery_->queued(), d.connections, d.connect_failures, d.messages_sent,
+              d.delivered, d.deferred, d.bounced, d.tls_handshakes, delivery_->tls_resumed(), d.tls_failures,
+              d.dns_failures, d.loads, d.load_failures, d.segments_removed);
+  }
 }
 
 bool shard::post_log_stats_ok() {

@@ -658,3 +658,23 @@ def test_auth_plain_only_inside_tls(ternd_factory, pki, tmp_path):
         assert clear_commands(srv) <= {b"EHLO", b"STARTTLS"}
     finally:
         srv.close()
+
+
+def test_smtputf8_message_to_a_host_without_it_bounces_clearly(ternd_factory, sink_factory, sinks):
+    """A message that needs SMTPUTF8 (a UTF-8 recipient) to a next hop that does not offer
+    it is bounced with 5.6.7 and a clear reason, never sent downgraded."""
+    nou = sink_factory("--no-smtputf8")
+    home = sink_factory()  # offers SMTPUTF8: the bounce itself carries the UTF-8 address
+    t = ternd_factory(extra=smarthost(nou.port) + route("origin.test", home.port) + queue_cfg()).start()
+    with smtplib.SMTP("127.0.0.1", t.port, timeout=10) as s:
+        s.command_encoding = "utf-8"
+        s.ehlo("client.test")
+        assert s.docmd("MAIL FROM:<s@origin.test> SMTPUTF8")[0] == 250
+        assert s.docmd("RCPT TO:<jürgen@example.com>")[0] == 250
+        assert s.data("Subject: utf8\r\n\r\nx\r\n".encode())[0] == 250
+    assert t.wait_log("status=bounced", timeout=10), t.log()
+    line = next(l for l in t.log().splitlines() if "status=bounced" in l)
+    assert "dsn=5.6.7" in line and "SMTPUTF8" in line, line
+    dsn_id = t.log().split("sender non-delivery notification: ")[1].split()[0]
+    assert t.wait_log(f"{dsn_id}: to=<s@origin.test>, relay=127.0.0.1[127.0.0.1]:{home.port}", timeout=10), t.log()
+    assert "status=sent" in next(l for l in t.log().splitlines() if f"{dsn_id}: to=" in l)
