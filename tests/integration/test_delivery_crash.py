@@ -322,17 +322,18 @@ def flood(port, n, size=10000):
     return r
 
 
-@pytest.mark.parametrize("restart", ["none", "kill9", "sigterm", "powercut"])
+@pytest.mark.parametrize("restart", ["none", "kill9", "sigterm", "powercut", "torn"])
 def test_deferred_message_is_copied_forward_and_delivered_once(ternd_factory, sink_factory, tmp_path, restart,
                                                                 request):
     """(b) the deferred message's first segment is reclaimed while it waits, it keeps its
     attempts, and it is delivered exactly once when its route comes back; (c) the same with
-    a restart in the middle: kill -9 or SIGTERM during the flood, or a power cut (tern-plfs)
-    right after the first segment was removed, which must not undo the forward copy."""
+    a restart in the middle: kill -9 or SIGTERM between two floods, a power cut (tern-plfs
+    `drop`) right after the first segment was removed, which must not undo the forward
+    copy, or a torn power cut (`drop-torn`) at a seeded moment in the middle of a flood."""
     dead = free_port()
     flood_sink = sink_factory()
     spool = None
-    if restart == "powercut":
+    if restart in ("powercut", "torn"):
         fs = request.getfixturevalue("plfs")
         spool = fs.mnt / "spool"
         for d in (spool, spool / "segments", spool / "quarantine"):
@@ -351,7 +352,19 @@ def test_deferred_message_is_copied_forward_and_delivered_once(ternd_factory, si
     first_segment = first_segment if os.path.isabs(first_segment) else os.path.join(t.spool, "segments", first_segment)
     assert os.path.exists(first_segment), (first_segment, segments(t))
     # ~1.2 MiB per 120 messages of 10 KB: 600 roll the 1 MiB segments over about 5 times.
-    flood(t.port, 300)
+    if restart == "torn":
+        rng = random.Random(seed())
+        load = subprocess.Popen([TERN_LOAD, "--port", str(t.port), "-s", "4", "-m", "600", "-l", "10000", "-n", "50",
+                                 "-p", "--to", "flood@example.com", "--timeout", "120"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.5))
+        t.kill9()
+        fs.drop_torn(rng.randrange(2**63))
+        load.wait()
+        t.start()
+        assert qid in [m["id"] for m in t.spool_list()], "the power cut lost the deferred message"
+    else:
+        flood(t.port, 300)
     if restart == "kill9":
         t.kill9()
         t.start()
@@ -365,7 +378,8 @@ def test_deferred_message_is_copied_forward_and_delivered_once(ternd_factory, si
         t.start()
         assert qid in [m["id"] for m in t.spool_list()], "the power cut undid the forward copy"
     flood(t.port, 300)
-    assert wait_for(lambda: sink_messages(flood_sink) >= 600, timeout=60), t.log()[-3000:]
+    assert wait_for(lambda: sink_messages(flood_sink) >= (300 if restart == "torn" else 600), timeout=60), \
+        t.log()[-3000:]
     assert wait_for(lambda: not os.path.exists(first_segment), timeout=20), \
         (f"the deferred message's first segment {first_segment} was not reclaimed", segments(t), t.log()[-3000:])
     # The sink counts a message before ternd's done record is durable: wait for the records.
