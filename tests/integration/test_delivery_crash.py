@@ -11,11 +11,9 @@ Kill times come from a seed: a run prints seed=N (pytest shows it with a failure
 TERN_SEED=N replays the same schedule. TERN_RECLAIM_MESSAGES sets the size of the
 reclamation flood (default 100000, 20000 under ASan)."""
 import glob
-import json
 import os
 import random
 import re
-import shutil
 import signal
 import smtplib
 import socket
