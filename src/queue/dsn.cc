@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "src/core/bytes.hh"
+
 namespace tern::queue {
 
 namespace {
@@ -32,39 +34,6 @@ bool is_ascii(std::string_view s) noexcept {
     if (acc & 0x80) return false;
   }
   return true;
-}
-
-// Length of the valid UTF-8 sequence at p (n bytes available), 0 when invalid (overlong,
-// surrogate, above U+10FFFF, truncated). ASCII is 1.
-size_t utf8_seq(const unsigned char* p, size_t n, uint32_t* cp_out = nullptr) noexcept {
-  unsigned c = p[0];
-  if (c < 0x80) {
-    if (cp_out) *cp_out = c;
-    return 1;
-  }
-  size_t len;
-  uint32_t cp;
-  if (c >= 0xC2 && c <= 0xDF) {
-    len = 2;
-    cp = c & 0x1F;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    len = 3;
-    cp = c & 0x0F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    len = 4;
-    cp = c & 0x07;
-  } else {
-    return 0;
-  }
-  if (n < len) return 0;
-  for (size_t i = 1; i < len; ++i) {
-    if ((p[i] & 0xC0) != 0x80) return 0;
-    cp = cp << 6 | (p[i] & 0x3F);
-  }
-  if (len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) return 0;
-  if (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) return 0;
-  if (cp_out) *cp_out = cp;
-  return len;
 }
 
 // Back a split position off so that it does not fall inside a UTF-8 sequence (at most 3

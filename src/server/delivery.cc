@@ -582,6 +582,31 @@ void delivery::check_tls(oconn& c) {
   c.cl.tls_done(true);
 }
 
+// A fresh slot for a connection to `hop` of destination `dest`: buffers kept (their
+// capacity), everything else reset.
+void delivery::prepare_slot(oconn& c, uint32_t idx, uint32_t dest, int host, const config::next_hop& hop) {
+  c.fd = -1;
+  c.dest = dest;
+  c.host = host;
+  c.hop = &hop;
+  c.cands.clear();
+  c.cand_at = 0;
+  c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = c.connect_inflight = false;
+  c.tp = &net::plain_transport::instance();
+  c.tls.reset();
+  c.app_out.clear();
+  c.tx.clear();
+  c.wire.clear();
+  c.tx_off = 0;
+  c.job.reset();
+  c.job_sent = false;
+  c.rcpts.clear();
+  c.start_ms = c.ready_ms = rx_.now_ms();
+  c.jobs = 0;
+  c.tmr.data = ud::make(owner::outbound, 0, idx, c.gen);
+  ++ctr_.connections;
+}
+
 struct delivery::dns_wait {
   delivery* d;
   uint32_t idx, gen;
@@ -597,29 +622,9 @@ void delivery::open_connection(const queue::connect_request& req) {
     return;
   }
   oconn& c = *cp;
-  c.fd = -1;
-  c.dest = req.dest;
-  c.host = req.host;
-  c.hop = &hop;
+  prepare_slot(c, idx, req.dest, req.host, hop);
   c.peer_name = hop.host;
   c.relay = hop.host + "[?]:" + std::to_string(hop.port);
-  c.cands.clear();
-  c.cand_at = 0;
-  c.first_failure.clear();
-  c.established = c.recv_armed = c.send_inflight = c.close_sent = c.cancel_sent = c.connect_inflight = false;
-  c.tp = &net::plain_transport::instance();
-  c.tls.reset();
-  c.app_out.clear();
-  c.tx.clear();
-  c.wire.clear();
-  c.tx_off = 0;
-  c.job.reset();
-  c.job_sent = false;
-  c.rcpts.clear();
-  c.start_ms = c.ready_ms = rx_.now_ms();
-  c.jobs = 0;
-  c.tmr.data = ud::make(owner::outbound, 0, idx, c.gen);
-  ++ctr_.connections;
   if (hop.host_is_ip) {
     auto a = net::address::from_ip(hop.host, hop.port);
     if (!a) {
@@ -708,28 +713,12 @@ bool delivery::try_next_candidate(oconn& c, const std::string& why) {
   oconn* np = conns_.acquire(idx);
   if (!np) return false;
   oconn& n = *np;
-  n.fd = -1;
-  n.dest = c.dest;
-  n.host = c.host;
-  n.hop = c.hop;
+  prepare_slot(n, idx, c.dest, c.host, *c.hop);
+  --ctr_.connections;  // the same attempt, on another address
   n.cands = std::move(c.cands);
   n.cand_at = c.cand_at + 1;
-  n.first_failure = c.first_failure.empty() ? why : c.first_failure;
   n.peer_name = n.cands[n.cand_at].first;
-  n.established = n.recv_armed = n.send_inflight = n.close_sent = n.cancel_sent = n.connect_inflight = false;
-  n.tp = &net::plain_transport::instance();
-  n.tls.reset();
-  n.app_out.clear();
-  n.tx.clear();
-  n.wire.clear();
-  n.tx_off = 0;
-  n.job.reset();
-  n.job_sent = false;
-  n.rcpts.clear();
   n.start_ms = c.start_ms;
-  n.ready_ms = rx_.now_ms();
-  n.jobs = 0;
-  n.tmr.data = ud::make(owner::outbound, 0, idx, n.gen);
   log::info("delivery: {}; trying the next address of {}: {}", why, c.hop->host, n.peer_name);
   // The old slot closes without a report: the attempt goes on in the new one.
   c.established = true;

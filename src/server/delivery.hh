@@ -117,7 +117,6 @@ class delivery final : private core::completion_handler {
     // moves on to the next one within the same attempt (postfix's smtp_mx_address_limit).
     std::vector<std::pair<std::string, net::address>> cands;
     size_t cand_at = 0;
-    std::string first_failure;  // the first candidate's failure, for the deferral
     bool established = false;  // reached idle once (greeting, EHLO, TLS, AUTH done)
     bool connect_inflight = false, recv_armed = false, send_inflight = false, close_sent = false;
     bool cancel_sent = false;
@@ -157,6 +156,7 @@ class delivery final : private core::completion_handler {
   void end_load(uint32_t li, bool ok, const std::string& err);
   // Connections.
   void open_connection(const queue::connect_request& req);
+  void prepare_slot(oconn& c, uint32_t idx, uint32_t dest, int host, const config::next_hop& hop);
   void connect_to(oconn& c, const net::address& a);
   struct dns_wait;
   void on_dns(dns_wait* w);

@@ -1,6 +1,7 @@
 #include "src/smtp/command.hh"
 
 #include "spool/record.hh"
+#include "src/core/bytes.hh"
 
 namespace tern::smtp {
 namespace {
@@ -189,36 +190,10 @@ bool is_ascii(std::string_view s) noexcept {
 }
 
 bool valid_utf8(std::string_view s) noexcept {
-  size_t i = 0, n = s.size();
-  while (i < n) {
-    auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len;
-    uint32_t cp;
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-      cp = c & 0x1F;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      cp = c & 0x0F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      cp = c & 0x07;
-    } else {
-      return false;  // continuation byte, C0/C1 overlong lead, or > U+10FFFF lead
-    }
-    if (n - i < len) return false;
-    for (size_t k = 1; k < len; ++k) {
-      auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return false;
-      cp = cp << 6 | (cc & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-      return false;
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  for (size_t i = 0, n = s.size(); i < n;) {
+    size_t len = utf8_seq(p + i, n - i);
+    if (len == 0) return false;
     i += len;
   }
   return true;
