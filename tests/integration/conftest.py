@@ -119,6 +119,17 @@ class Ternd:
         return subprocess.run([TERN_SPOOL, "check", self.spool], capture_output=True, text=True)
 
 
+def wait_for(pred, timeout=15, step=0.05):
+    """Poll pred() until it is truthy or timeout seconds passed; its last value."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
 @pytest.fixture
 def ternd_factory(tmp_path):
     started = []

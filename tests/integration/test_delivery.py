@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
@@ -93,15 +93,6 @@ def send(port, rcpts, subject="test", body="hello\r\n", sender="sender@origin.te
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.send_message(m, from_addr=sender, to_addrs=rcpts)
 
-
-def wait_for(pred, timeout=15, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def test_relays_to_the_smarthost_and_empties_the_queue(ternd_factory, sinks):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANITIZED, TERN_LOAD, free_port
+from conftest import SANITIZED, TERN_LOAD, free_port, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuse"))
 from plfs import plfs  # noqa: E402,F401  (fixture)
@@ -62,15 +62,6 @@ def with_spool_key(t, line):
     text = t.config.read_text()
     t.config.write_text(text.replace(f'dir = "{t.spool}"\n', f'dir = "{t.spool}"\n{line}\n', 1))
 
-
-def wait_for(pred, timeout=15, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def segments(t):

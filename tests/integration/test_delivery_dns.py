@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 DNSMASQ = next((p for p in ("/usr/sbin/dnsmasq", "/usr/bin/dnsmasq", "/sbin/dnsmasq")
                 if shutil.which(p)), None)
@@ -215,15 +215,6 @@ def send(port, rcpts, subject, sender="sender@origin.test"):
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.send_message(m, from_addr=sender, to_addrs=rcpts)
 
-
-def wait_for(pred, timeout=10, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def saving_sink(sink_factory, addr, port, *args):
