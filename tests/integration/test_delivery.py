@@ -323,6 +323,18 @@ def pki(tmp_path_factory):
         (d / f"{name}.ext").write_text("subjectAltName=DNS:smarthost.test,IP:127.0.0.1\n")
         run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    # An expired certificate from the trusted CA (openssl ca sets any validity period).
+    (d / "ca.cnf").write_text(
+        f"[ca]\ndefault_ca = tca\n[tca]\ndatabase = {d}/index.txt\nserial = {d}/serial\n"
+        f"new_certs_dir = {d}\ndefault_md = sha256\npolicy = pol\nunique_subject = no\n"
+        "[pol]\ncommonName = supplied\n[ext]\nsubjectAltName = DNS:smarthost.test,IP:127.0.0.1\n")
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("1000\n")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "expired-server.key", "-out", "expired-server.csr", "-subj", "/CN=smarthost.test")
+    run("openssl", "ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key",
+        "-in", "expired-server.csr", "-out", "expired-server.pem", "-extensions", "ext",
+        "-startdate", "20200101000000Z", "-enddate", "20210101000000Z")
     return d
 
 
@@ -438,9 +450,12 @@ def test_tls13_verified_delivery(ternd_factory, pki):
         srv.close()
 
 
-@pytest.mark.parametrize("case", ["wrong-name", "unknown-ca", "tls12-only"])
+@pytest.mark.parametrize("case", ["wrong-name", "unknown-ca", "expired", "tls12-only"])
 def test_tls_failures_defer_and_send_nothing(ternd_factory, pki, case):
-    if case == "unknown-ca":
+    if case == "expired":
+        srv = StarttlsServer(pki / "expired-server.pem", pki / "expired-server.key")
+        hop = tls_hop(srv.port, pki)
+    elif case == "unknown-ca":
         srv = StarttlsServer(pki / "rogue-server.pem", pki / "rogue-server.key")
         hop = tls_hop(srv.port, pki)
     elif case == "wrong-name":
@@ -458,6 +473,8 @@ def test_tls_failures_defer_and_send_nothing(ternd_factory, pki, case):
         assert "TLS handshake with" in t.log()
         if case == "wrong-name":
             assert "hostname" in t.log()
+        if case == "expired":
+            assert "expired" in t.log(), t.log()
         assert len(t.spool_list()) == 1
     finally:
         srv.close()
@@ -669,3 +686,28 @@ def test_smtputf8_message_to_a_host_without_it_bounces_clearly(ternd_factory, si
     dsn_id = t.log().split("sender non-delivery notification: ")[1].split()[0]
     assert t.wait_log(f"{dsn_id}: to=<s@origin.test>, relay=127.0.0.1[127.0.0.1]:{home.port}", timeout=10), t.log()
     assert "status=sent" in next(l for l in t.log().splitlines() if f"{dsn_id}: to=" in l)
+
+
+def test_source_address_is_used_for_outbound_connections(ternd_factory, sinks):
+    sink = sinks()
+    t = ternd_factory(extra=smarthost(sink.port, source_address="127.0.0.2") + queue_cfg()).start()
+    send(t.port, ["a@example.com"], subject="source")
+    assert wait_for(lambda: sink.messages(), timeout=10), t.log()
+    assert b"X-Client-Addr: 127.0.0.2" in sink.messages()[0]
+
+
+def test_delay_warning_is_sent_once(ternd_factory, sinks):
+    """queue.delay_warning: a sender whose mail is still queued after that long gets one
+    delay DSN (Action: delayed, Will-Retry-Until), not one per retry."""
+    home = sinks()
+    dead = free_port()
+    t = ternd_factory(extra=smarthost(dead) + route("origin.test", home.port) +
+                      queue_cfg(retry='["1s"]', delay_warning="1s")).start()
+    send(t.port, ["slow@example.com"], subject="delayed", sender="s@origin.test")
+    assert wait_for(lambda: home.messages(), timeout=15), t.log()
+    dsn = home.messages()[0]
+    assert b"Action: delayed" in dsn and b"Will-Retry-Until:" in dsn
+    assert b"Final-Recipient: rfc822; slow@example.com" in dsn
+    assert wait_for(lambda: t.log().count("status=deferred") >= 4, timeout=15)
+    assert len(home.messages()) == 1, "one warning, not one per retry"
+    assert t.log().count("sender delay notification:") == 1
