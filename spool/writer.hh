@@ -96,6 +96,8 @@ class writer {
   const std::string& last_error() const noexcept { return last_error_; }
   // Nothing pending and no SQE of ours in flight (the shard may stop and call close()).
   bool idle() const noexcept { return !in_flight_ && pending_.empty() && aux_inflight_ == 0; }
+  // Records appended since the last flush (they go out with the next batch).
+  bool has_pending() const noexcept { return !pending_.empty(); }
   bool in_flight() const noexcept { return in_flight_; }
   // Any SQE of ours not completed yet (the batch's or another).
   bool io_pending() const noexcept { return in_flight_ || aux_inflight_ > 0; }

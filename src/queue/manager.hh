@@ -189,6 +189,7 @@ class manager {
   // 4. Spool records of ended rounds, in order; record_durable() when written, with the
   // segment and offset the writer reports for it.
   bool next_record(record_out& out);
+  size_t records_waiting() const noexcept { return to_hand_.size(); }
   void record_durable(uint64_t token, bool ok, uint64_t now_us, const std::string& segment = {},
                       uint64_t offset = 0);
 

@@ -31,6 +31,9 @@ constexpr uint32_t max_loads = 64;  // reads of spool records in flight at once
 constexpr uint32_t max_dns = 16;
 // Addresses tried within one attempt of one destination host (postfix: smtp_mx_address_limit).
 constexpr size_t max_candidates = 5;
+// Rounds' records wait at most this long (or this many) for an inbound commit to ride on.
+constexpr uint64_t record_hold_ms = 20;
+constexpr size_t record_hold_max = 256;
 
 const char* state_word(spool::rcpt_state s) {
   switch (s) {
@@ -287,6 +290,28 @@ bool delivery::idle() const {
 }
 
 void delivery::write_records() {
+  // A round's records need not be durable at once: a done record lost in a crash means the
+  // message is delivered once more, never lost. So they ride along with the inbound
+  // commits (no fdatasync of their own) and go alone only when they have waited
+  // record_hold_ms or piled up. DSN messages are appended when made, so they make the
+  // next batch happen anyway.
+  if (mgr_.records_waiting() == 0) {
+    hold_since_ms_ = 0;
+    return;
+  }
+  uint64_t now = rx_.now_ms();
+  if (hold_since_ms_ == 0) hold_since_ms_ = now;
+  if (!stopping_ && !writer_.has_pending() && mgr_.records_waiting() < record_hold_max &&
+      now - hold_since_ms_ < record_hold_ms) {
+    // Wake the loop when the hold ends, even if nothing else happens by then.
+    if (!hold_tmr_.armed()) {
+      hold_tmr_.data = ud::make(owner::outbound, op_hold, 0, 0);
+      rx_.timers().arm(hold_tmr_, hold_since_ms_ + record_hold_ms);
+    }
+    return;
+  }
+  hold_since_ms_ = 0;
+  if (hold_tmr_.armed()) rx_.timers().cancel(hold_tmr_);
   // A round's records (a forward copy, a status record, a done record) come as one string;
   // the writer takes one record per append (it sets each record's nonce), so they are
   // appended one by one, in order. The first piece's result says where a forward copy
@@ -1096,6 +1121,7 @@ void delivery::arm_stage_timer(oconn& c) {
 }
 
 void delivery::on_timer(core::timer& t) {
+  if (ud::op(t.data) == op_hold) return;  // the iteration it woke runs pump()
   oconn* cp = conns_.find(ud::index(t.data), ud::gen(t.data));
   if (!cp) return;
   oconn& c = *cp;

@@ -98,7 +98,7 @@ class delivery final : private core::completion_handler {
 
  private:
   enum op : unsigned { op_connect = 1, op_recv = 2, op_send = 3, op_close = 4, op_open = 5, op_read = 6,
-                       op_unlink = 7, op_dirsync = 8 };
+                       op_unlink = 7, op_dirsync = 8, op_hold = 9 };
   enum class phase : uint8_t { free, resolving, connecting, live, closing };
 
   struct oconn final : net::byte_sink {
@@ -199,6 +199,8 @@ class delivery final : private core::completion_handler {
   poster post_ = nullptr;
   void* post_owner_ = nullptr;
   uint32_t dns_inflight_ = 0;  // bounded: answers must fit the shard's inbox
+  uint64_t hold_since_ms_ = 0;  // rounds' records waiting for a batch to join (write_records)
+  core::timer hold_tmr_;
   std::string unlinking_;  // the segment being removed (its name outlives the SQE)
   bool unlink_inflight_ = false;
   bool stopping_ = false;

@@ -153,7 +153,7 @@ def test_temporary_refusal_is_retried(ternd_factory, sinks):
     t = ternd_factory(extra=smarthost(sink.port) + queue_cfg(retry='["1s"]')).start()
     send(t.port, ["busy@example.com"], subject="busy")
     assert wait_for(lambda: t.log().count("status=deferred (host 127.0.0.1") >= 2, timeout=10), t.log()
-    q = t.spool_list()
+    q = wait_for(lambda: [m for m in t.spool_list() if m["attempts"] >= 2])
     assert len(q) == 1 and q[0]["attempts"] >= 2
 
 
