@@ -286,7 +286,8 @@ void delivery::begin_stop() {
 bool delivery::idle() const {
   // Connections, reads and the spool records of finished rounds. A connection in the middle
   // of a message is given the shard's shutdown deadline like an inbound session.
-  return conns_.in_use() == 0 && loads_.in_use() == 0 && !unlink_inflight_ && dns_inflight_ == 0;
+  return conns_.in_use() == 0 && loads_.in_use() == 0 && !unlink_inflight_ && dns_inflight_ == 0 &&
+         mgr_.records_waiting() == 0;
 }
 
 void delivery::write_records() {
