@@ -344,7 +344,7 @@ def test_deferred_message_is_copied_forward_and_delivered_once(ternd_factory, si
     if restart == "torn":
         rng = random.Random(seed())
         load = subprocess.Popen([TERN_LOAD, "--port", str(t.port), "-s", "4", "-m", "600", "-l", "10000", "-n", "50",
-                                 "-p", "--to", "flood@example.com", "--timeout", "120"],
+                                 "-p", "--to", "flood@example.com", "--timeout", "15"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.2, 1.5))
         t.kill9()
