@@ -100,7 +100,8 @@ public:
     void tick(millis now);
     // Health tracking: change the priority we advertise and compare with. 0 gives up
     // mastership at once with a priority-0 advert and keeps us from taking over until the
-    // priority is raised again.
+    // priority is raised again. Raising a backup to 255 does not make it master at once: the
+    // address-owner shortcut applies at start() only, as in RFC 5798 6.4.1.
     void set_priority(millis now, uint8_t priority);
 
     vrrp_state state() const { return state_; }
