@@ -95,6 +95,60 @@ def send(port, rcpts, subject="test", body="hello\r\n", sender="sender@origin.te
 
 
 
+
+class ScriptedHop:
+    """A next hop that answers by script, for peers that must misbehave on purpose.
+    `answer(line, session)` returns the reply to a command line (None: the default, 250 ok);
+    EHLO gets `ehlo`, DATA gets 354 and its content is read to the dot, then `data_reply`;
+    QUIT ends the session. Every line received goes to `lines`; each message's accepted
+    RCPT lines go to `messages`."""
+
+    def __init__(self, answer=None, ehlo=b"250-fake\r\n250 PIPELINING\r\n", greeting=b"220 fake ESMTP\r\n",
+                 data_reply=b"250 2.0.0 queued\r\n"):
+        self.port = free_port()
+        self.answer, self.ehlo, self.greeting, self.data_reply = answer, ehlo, greeting, data_reply
+        self.lines, self.messages = [], []
+        self.srv = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(self.greeting)
+                f = c.makefile("rb")
+                session = {"rcpts": []}
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    self.lines.append(line)
+                    cmd = line.strip().upper()
+                    if cmd.startswith(b"EHLO"):
+                        c.sendall(self.ehlo)
+                    elif cmd == b"DATA":
+                        c.sendall(b"354 go\r\n")
+                        while f.readline() not in (b".\r\n", b""):
+                            pass
+                        self.messages.append(session["rcpts"])
+                        session["rcpts"] = []
+                        c.sendall(self.data_reply)
+                    elif cmd == b"QUIT":
+                        c.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        r = self.answer(line, session) if self.answer else None
+                        if r is None and cmd.startswith(b"RCPT"):
+                            session["rcpts"].append(line.strip())
+                        c.sendall(r or b"250 ok\r\n")
+
+    def close(self):
+        self.srv.close()
+
+
 def test_relays_to_the_smarthost_and_empties_the_queue(ternd_factory, sinks):
     sink = sinks()
     t = ternd_factory(extra=smarthost(sink.port) + queue_cfg()).start()
@@ -175,100 +229,35 @@ def test_state_survives_a_restart(ternd_factory, sinks):
 def test_only_pending_recipients_are_sent_again(ternd_factory, tmp_path):
     """A scripted next hop that accepts one recipient and defers the other: the retry goes
     to the deferred one only (per-recipient state)."""
-    port = free_port()
-    seen = []
-
-    def serve(srv):
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            with c:
-                f = c.makefile("rb")
-                c.sendall(b"220 fake ESMTP\r\n")
-                rcpts = []
-                while True:
-                    line = f.readline()
-                    if not line:
-                        break
-                    cmd = line.strip().upper()
-                    if cmd.startswith(b"EHLO"):
-                        c.sendall(b"250-fake\r\n250 8BITMIME\r\n")
-                    elif cmd.startswith(b"MAIL"):
-                        c.sendall(b"250 2.1.0 ok\r\n")
-                    elif cmd.startswith(b"RCPT"):
-                        if b"later@" in line and len(seen) == 0:
-                            c.sendall(b"450 4.2.1 mailbox busy\r\n")
-                        else:
-                            rcpts.append(line.strip())
-                            c.sendall(b"250 2.1.5 ok\r\n")
-                    elif cmd == b"DATA":
-                        c.sendall(b"354 go\r\n")
-                        while f.readline() not in (b".\r\n", b""):
-                            pass
-                        seen.append(rcpts)
-                        rcpts = []
-                        c.sendall(b"250 2.0.0 queued\r\n")
-                    elif cmd == b"QUIT":
-                        c.sendall(b"221 bye\r\n")
-                        break
-                    else:
-                        c.sendall(b"250 ok\r\n")
-
-    srv = socket.create_server(("127.0.0.1", port))
-    threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    hop = ScriptedHop(lambda line, _: b"450 4.2.1 mailbox busy\r\n"
+                      if b"later@" in line and not hop.messages else None,
+                      ehlo=b"250-fake\r\n250 8BITMIME\r\n")
     try:
-        t = ternd_factory(extra=smarthost(port) + queue_cfg(retry='["1s"]')).start()
+        t = ternd_factory(extra=smarthost(hop.port) + queue_cfg(retry='["1s"]')).start()
         send(t.port, ["now@example.com", "later@example.com"], subject="partial")
+        seen = hop.messages
         assert wait_for(lambda: len(seen) == 2, timeout=15), (seen, t.log())
         assert len(seen[0]) == 1 and b"now@" in seen[0][0]
         assert len(seen[1]) == 1 and b"later@" in seen[1][0], seen
         assert wait_for(lambda: t.spool_list() == [])
     finally:
-        srv.close()
+        hop.close()
 
 
 def test_tls_required_but_not_offered_sends_nothing_in_clear(ternd_factory):
     """tls = "encrypt" to a next hop without STARTTLS: the mail is deferred and no MAIL,
     RCPT or DATA ever reaches the wire."""
-    port = free_port()
-    got = []
-
-    def serve(srv):
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            with c:
-                c.sendall(b"220 plain only\r\n")
-                f = c.makefile("rb")
-                while True:
-                    line = f.readline()
-                    if not line:
-                        break
-                    got.append(line)
-                    if line.upper().startswith(b"EHLO"):
-                        c.sendall(b"250-plain\r\n250 PIPELINING\r\n")
-                    elif line.upper().startswith(b"QUIT"):
-                        c.sendall(b"221 bye\r\n")
-                        break
-                    else:
-                        c.sendall(b"250 ok\r\n")
-
-    srv = socket.create_server(("127.0.0.1", port))
-    threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    hop = ScriptedHop(greeting=b"220 plain only\r\n", ehlo=b"250-plain\r\n250 PIPELINING\r\n")
     try:
-        t = ternd_factory(extra=smarthost(port, tls="encrypt") + queue_cfg(retry='["1h"]')).start()
+        t = ternd_factory(extra=smarthost(hop.port, tls="encrypt") + queue_cfg(retry='["1h"]')).start()
         send(t.port, ["a@example.com"], subject="secret")
         assert t.wait_log("status=deferred", timeout=10), t.log()
         assert "TLS is required, but was not offered" in t.log()
-        words = [l.split()[0].upper() for l in got if l.strip()]
-        assert not {b"MAIL", b"RCPT", b"DATA", b"AUTH"} & set(words), got
+        words = [l.split()[0].upper() for l in hop.lines if l.strip()]
+        assert not {b"MAIL", b"RCPT", b"DATA", b"AUTH"} & set(words), hop.lines
         assert len(t.spool_list()) == 1
     finally:
-        srv.close()
+        hop.close()
 
 
 def test_no_route_keeps_mail_queued(ternd_factory):
@@ -549,39 +538,10 @@ def test_only_failed_recipients_are_in_the_bounce_and_never_for_null_sender(tern
     """A scripted next hop refuses one recipient of two: the bounce names that one only.
     A message with a null sender that fails makes no bounce at all."""
     home = sinks()
-    port = free_port()
-
-    def serve(srv):
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            with c:
-                f = c.makefile("rb")
-                c.sendall(b"220 fake\r\n")
-                while True:
-                    line = f.readline()
-                    if not line:
-                        break
-                    u = line.upper()
-                    if u.startswith(b"EHLO"):
-                        c.sendall(b"250-fake\r\n250 PIPELINING\r\n")
-                    elif u.startswith(b"RCPT") and b"BAD@" in u:
-                        c.sendall(b"550 5.1.1 <bad@example.com>: Recipient address rejected\r\n")
-                    elif u.startswith(b"DATA"):
-                        c.sendall(b"354 go\r\n")
-                        while f.readline() not in (b".\r\n", b""):
-                            pass
-                        c.sendall(b"250 2.0.0 ok\r\n")
-                    elif u.startswith(b"QUIT"):
-                        c.sendall(b"221 bye\r\n")
-                        break
-                    else:
-                        c.sendall(b"250 ok\r\n")
-
-    srv = socket.create_server(("127.0.0.1", port))
-    threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    hop = ScriptedHop(lambda line, _: b"550 5.1.1 <bad@example.com>: Recipient address rejected\r\n"
+                      if line.upper().startswith(b"RCPT") and b"BAD@" in line.upper() else None,
+                      data_reply=b"250 2.0.0 ok\r\n")
+    port = hop.port
     try:
         t = ternd_factory(extra=smarthost(port) + route("origin.test", home.port) + queue_cfg()).start()
         send(t.port, ["good@example.com", "bad@example.com"], subject="partial-bounce", sender="s@origin.test")
@@ -602,7 +562,7 @@ def test_only_failed_recipients_are_in_the_bounce_and_never_for_null_sender(tern
         assert len(home.messages()) == 1, "NOTIFY=NEVER asks for no bounce"
         assert wait_for(lambda: t.spool_list() == [])
     finally:
-        srv.close()
+        hop.close()
 
 
 def test_deferrals_within_the_lifetime_do_not_bounce(ternd_factory, sinks):
