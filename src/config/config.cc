@@ -7,12 +7,15 @@
 #include <thread>
 
 #include <algorithm>
+#include <charconv>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <toml++/toml.h>
 
 #include "spool/record.hh"
+#include "tern_build.hh"
 
 namespace tern::config {
 
@@ -228,6 +231,112 @@ uint32_t get_duration_s(const ctx& c, const toml::table& t, const char* key, con
   return n ? duration_of(c, *n, full, lo, hi) : def;
 }
 
+// A duration in milliseconds ("10ms", "1s", or an integer of seconds), within [lo, hi] ms.
+uint32_t get_duration_ms(const ctx& c, const toml::table& t, const char* key, const std::string& full, uint32_t def,
+                         uint64_t lo, uint64_t hi) {
+  auto* n = t.get(key);
+  if (!n) return def;
+  std::optional<uint64_t> ms;
+  if (n->is_string()) ms = parse_duration_ms(*n->value<std::string>());
+  else if (n->is_integer() && *n->value<int64_t>() >= 0) ms = uint64_t(*n->value<int64_t>()) * 1000;
+  auto show = [](uint64_t v) { return v % 1000 ? std::to_string(v) + "ms" : std::to_string(v / 1000) + "s"; };
+  if (!ms) c.fail(n->source(), full, "expected a duration such as \"10ms\", \"1s\" or \"5m\"");
+  if (*ms < lo || *ms > hi) c.fail(n->source(), full, "must be between \"" + show(lo) + "\" and \"" + show(hi) + "\"");
+  return static_cast<uint32_t>(*ms);
+}
+
+// [ha] (docs/configuration.md). Only what can be checked without the network: the interface
+// and the backend are opened at start, with errors that name the key.
+void parse_ha(const ctx& c, const toml::table& h, config& cfg) {
+  check_keys(c, h, "ha.",
+             {"interface", "vrid", "priority", "advert_interval", "virtual_addresses", "preempt", "preempt_delay",
+              "unicast_peers", "backend", "dpdk_args", "use_vmac", "garp_burst", "garp_refresh",
+              "health_priority_drop", "heartbeat_timeout"});
+  auto& H = cfg.ha;
+  H.enabled = true;
+  H.line = static_cast<int>(h.source().begin.line);
+  auto need = [&](const char* key) -> const toml::node& {
+    auto* n = h.get(key);
+    if (!n) c.fail(h.source(), std::string("ha.") + key, "is required in [ha]");
+    return *n;
+  };
+  need("interface");
+  H.interface = get_str(c, h, "interface", "ha.interface", "");
+  if (H.interface.empty() || H.interface.size() >= 16 || H.interface.find_first_of("/ \t") != std::string::npos)
+    c.fail(h.get("interface")->source(), "ha.interface", "\"" + H.interface + "\" is not an interface name (1 to 15 bytes, no '/' or space)");
+  need("vrid");
+  H.vrid = get_int<uint8_t>(c, h, "vrid", "ha.vrid", 0, 1, 255);
+  H.priority = get_int<uint8_t>(c, h, "priority", "ha.priority", H.priority, 1, 255);
+  H.advert_interval_ms = get_duration_ms(c, h, "advert_interval", "ha.advert_interval", H.advert_interval_ms, 10, 40950);
+  if (H.advert_interval_ms % 10)
+    c.fail(h.get("advert_interval")->source(), "ha.advert_interval",
+           "must be a whole number of centiseconds (10 ms steps): VRRPv3 carries it in centiseconds");
+  const auto& vn = need("virtual_addresses");
+  auto* va = vn.as_array();
+  if (!va || va->empty())
+    c.fail(vn.source(), "ha.virtual_addresses", "expected a list of addresses such as [\"198.18.0.100/24\"]");
+  for (auto& e : *va) {
+    auto sv = e.value<std::string>();
+    if (!sv) c.fail(e.source(), "ha.virtual_addresses", "expected a string such as \"198.18.0.100/24\"");
+    std::string_view txt = *sv;
+    auto slash = txt.find('/');
+    auto a = net::address::from_ip(txt.substr(0, slash), 0);
+    unsigned prefix = 32;
+    bool ok = a && a->family() == AF_INET;
+    if (ok && slash != txt.npos) {
+      auto ps = txt.substr(slash + 1);
+      auto [ptr, ec] = std::from_chars(ps.data(), ps.data() + ps.size(), prefix);
+      ok = !ps.empty() && ec == std::errc() && ptr == ps.data() + ps.size() && prefix >= 1 && prefix <= 32;
+    }
+    if (!ok)
+      c.fail(e.source(), "ha.virtual_addresses",
+             "\"" + *sv + "\" is not an IPv4 address with an optional prefix (IPv6 is not supported yet)");
+    net::cidr v;
+    v.family = AF_INET;
+    std::memcpy(v.bytes.data(), &reinterpret_cast<const sockaddr_in&>(a->ss).sin_addr, 4);
+    v.prefix = static_cast<uint8_t>(prefix);
+    for (auto& o : H.virtual_addresses)
+      if (o.bytes == v.bytes) c.fail(e.source(), "ha.virtual_addresses", "\"" + *sv + "\" is listed twice");
+    H.virtual_addresses.push_back(v);
+  }
+  if (H.virtual_addresses.size() > 20)
+    c.fail(vn.source(), "ha.virtual_addresses", "at most 20 addresses per virtual router (one advert carries them all)");
+  H.preempt = get_bool(c, h, "preempt", "ha.preempt", H.preempt);
+  H.preempt_delay_ms = get_duration_ms(c, h, "preempt_delay", "ha.preempt_delay", 0, 0, 1000 * 1000);
+  if (auto* un = h.get("unicast_peers")) {
+    auto* ua = un->as_array();
+    if (!ua) c.fail(un->source(), "ha.unicast_peers", "expected a list of IPv4 addresses such as [\"198.18.0.12\"]");
+    for (auto& e : *ua) {
+      auto sv = e.value<std::string>();
+      auto a = sv ? net::address::from_ip(*sv, 0) : std::nullopt;
+      if (!a || a->family() != AF_INET)
+        c.fail(e.source(), "ha.unicast_peers", (sv ? "\"" + *sv + "\"" : std::string("a value")) + " is not an IPv4 address");
+      H.unicast_peers.push_back(*a);
+    }
+  }
+  std::string be = get_str(c, h, "backend", "ha.backend", "kernel");
+  if (be != "kernel" && be != "dpdk")
+    c.fail(h.get("backend")->source(), "ha.backend", "\"" + be + "\": expected \"kernel\" or \"dpdk\"");
+  H.dpdk = be == "dpdk";
+#if !TERN_HAVE_DPDK
+  if (H.dpdk)
+    c.fail(h.get("backend")->source(), "ha.backend", "\"dpdk\": this ternd was built without DPDK (meson -Ddpdk=enabled)");
+#endif
+  H.dpdk_args = get_str(c, h, "dpdk_args", "ha.dpdk_args", "");
+  if (!H.dpdk_args.empty() && !H.dpdk)
+    c.fail(h.get("dpdk_args")->source(), "ha.dpdk_args", "only used with backend = \"dpdk\"");
+  if (H.dpdk && !H.unicast_peers.empty())
+    c.fail(h.get("unicast_peers")->source(), "ha.unicast_peers",
+           "not supported with backend = \"dpdk\" (it sends adverts to 224.0.0.18 only); use the kernel backend");
+  H.use_vmac = get_bool(c, h, "use_vmac", "ha.use_vmac", false);
+  H.garp_burst = get_int<uint32_t>(c, h, "garp_burst", "ha.garp_burst", H.garp_burst, 1, 100);
+  H.garp_refresh_ms = get_duration_ms(c, h, "garp_refresh", "ha.garp_refresh", H.garp_refresh_ms, 0, 86400ull * 1000);
+  if (H.garp_refresh_ms && H.garp_refresh_ms < 1000)
+    c.fail(h.get("garp_refresh")->source(), "ha.garp_refresh", "must be 0 (off) or at least \"1s\"");
+  H.health_priority_drop = get_int<uint32_t>(c, h, "health_priority_drop", "ha.health_priority_drop", 0, 0, 254);
+  H.heartbeat_timeout_ms = get_duration_ms(c, h, "heartbeat_timeout", "ha.heartbeat_timeout", H.heartbeat_timeout_ms, 100, 600 * 1000);
+}
+
 std::vector<std::string> get_domains(const ctx& c, const toml::table& t, const char* key, const std::string& full) {
   std::vector<std::string> out;
   auto* dn = t.get(key);
@@ -351,7 +460,7 @@ config parse(const ctx& c, const toml::table& root) {
   cfg.source = c.src();
   check_keys(c, root, "",
              {"hostname", "shards", "spool", "listen", "relay", "limits", "tls", "tuning", "log_level", "smarthost",
-              "route", "queue", "dns"});
+              "route", "queue", "dns", "ha"});
   char hn[256] = "localhost";
   gethostname(hn, sizeof hn - 1);
   cfg.hostname = get_str(c, root, "hostname", "hostname", hn);
@@ -634,6 +743,22 @@ config parse(const ctx& c, const toml::table& root) {
       cfg.dns.timeout_ms = static_cast<uint32_t>(*ms);
     }
     cfg.dns.tries = get_int<uint32_t>(c, *d, "tries", "dns.tries", cfg.dns.tries, 1, 10);
+  }
+  if (auto* h = get_table(c, root, "ha")) {
+    parse_ha(c, *h, cfg);
+    // A listener on a virtual address is bound before the address arrives (IP_FREEBIND);
+    // a wildcard listener serves it too. Anything else would never see the address's mail.
+    bool served = false;
+    for (const auto& L : cfg.listen)
+      for (const auto& v : cfg.ha.virtual_addresses) {
+        if (L.address.family() != AF_INET) continue;
+        const auto& sin = reinterpret_cast<const sockaddr_in&>(L.address.ss);
+        served = served || is_wildcard(L.address) || std::memcmp(&sin.sin_addr, v.bytes.data(), 4) == 0;
+      }
+    if (!served)
+      cfg.warnings.push_back(cfg.source + ":" + std::to_string(cfg.ha.line) +
+                             ": ha.virtual_addresses: no [[listen]] address is a virtual address or 0.0.0.0: "
+                             "clients that follow the floating address reach no listener");
   }
   if (cfg.smarthosts.empty()) {
     cfg.warnings.push_back(

@@ -108,6 +108,27 @@ struct dns_settings {
   uint32_t tries = 2;
 };
 
+// [ha]: VRRPv3 for a floating address (docs/configuration.md, "[ha]"; ha/).
+struct ha_settings {
+  bool enabled = false;               // true when the file has an [ha] table
+  std::string interface;              // required: the interface VRRP runs on
+  uint8_t vrid = 0;                   // required: 1..255
+  uint8_t priority = 100;             // 1..255; 255 = address owner
+  uint32_t advert_interval_ms = 1000; // 10ms..40.95s in 10 ms steps (centiseconds on the wire)
+  std::vector<net::cidr> virtual_addresses;  // required, IPv4, at most 20
+  bool preempt = true;
+  uint32_t preempt_delay_ms = 0;      // up to 1000 s
+  std::vector<net::address> unicast_peers;   // IPv4; empty: multicast 224.0.0.18
+  bool dpdk = false;                  // backend = "dpdk" (default "kernel")
+  std::string dpdk_args;              // EAL arguments; empty: derived from interface (see docs)
+  bool use_vmac = false;              // a macvlan vrrp.<vrid> with 00:00:5e:00:01:<vrid> carries the addresses
+  uint32_t garp_burst = 5;            // gratuitous ARPs per address on becoming master (1..100)
+  uint32_t garp_refresh_ms = 60000;   // one more per address this often while master; 0 = off
+  uint32_t health_priority_drop = 0;  // unhealthy: 0 = resign at once (priority-0 advert), N = lower by N
+  uint32_t heartbeat_timeout_ms = 1000; // a shard whose loop has not turned for this long is stuck
+  int line = 0;
+};
+
 struct config {
   std::string source = "(embedded default)";
   std::string hostname;
@@ -146,6 +167,7 @@ struct config {
   std::vector<route> routes;
   queue_settings queue;
   dns_settings dns;
+  ha_settings ha;
   // Not errors, but what the operator should know (--check-config prints them).
   std::vector<std::string> warnings;
 };

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "spool/record.hh"
+#include "tern_build.hh"
 
 using namespace tern::config;
 
@@ -399,4 +400,106 @@ TEST(ConfigDelivery, ClearTextSmarthostWarns) {
   ASSERT_TRUE(c);
   ASSERT_EQ(c->warnings.size(), 1u);
   EXPECT_NE(c->warnings[0].find("t.toml:3: smarthost.tls"), std::string::npos);
+}
+
+// --- [ha] -------------------------------------------------------------------------------------
+
+namespace {
+const char* ha_min = "[ha]\ninterface = \"eth0\"\nvrid = 51\nvirtual_addresses = [\"198.18.0.100/24\"]\n";
+}  // namespace
+
+TEST(ConfigHa, DefaultsAndFullTable) {
+  auto none = load_ok("");
+  ASSERT_TRUE(none);
+  EXPECT_FALSE(none->ha.enabled);
+  auto c = load_ok(ha_min);
+  ASSERT_TRUE(c);
+  const auto& h = c->ha;
+  EXPECT_TRUE(h.enabled);
+  EXPECT_EQ(h.interface, "eth0");
+  EXPECT_EQ(h.vrid, 51);
+  EXPECT_EQ(h.priority, 100);
+  EXPECT_EQ(h.advert_interval_ms, 1000u);
+  ASSERT_EQ(h.virtual_addresses.size(), 1u);
+  EXPECT_EQ(h.virtual_addresses[0].prefix, 24);
+  EXPECT_EQ(h.virtual_addresses[0].bytes[3], 100);  // host bits kept: it is an address, not a network
+  EXPECT_TRUE(h.preempt);
+  EXPECT_FALSE(h.dpdk);
+  EXPECT_EQ(h.garp_burst, 5u);
+  EXPECT_EQ(h.garp_refresh_ms, 60000u);
+  EXPECT_EQ(h.health_priority_drop, 0u);
+  EXPECT_EQ(h.heartbeat_timeout_ms, 1000u);
+  // No listener on the address or on 0.0.0.0: warned, not refused.
+  bool warned = false;
+  for (auto& w : c->warnings) warned = warned || w.find("ha.virtual_addresses: no [[listen]]") != std::string::npos;
+  EXPECT_TRUE(warned);
+
+  std::string err;
+  auto f = load_string(R"([[listen]]
+address = "198.18.0.100:25"
+[ha]
+interface = "veth-a"
+vrid = 7
+priority = 255
+advert_interval = "10ms"
+virtual_addresses = ["198.18.0.100/24", "198.18.0.101"]
+preempt = false
+preempt_delay = "250ms"
+unicast_peers = ["198.18.0.12"]
+use_vmac = true
+garp_burst = 2
+garp_refresh = "0s"
+health_priority_drop = 60
+heartbeat_timeout = "500ms"
+)", "t.toml", err);
+  ASSERT_TRUE(f) << err;
+  EXPECT_EQ(f->ha.advert_interval_ms, 10u);
+  EXPECT_EQ(f->ha.virtual_addresses[1].prefix, 32);
+  EXPECT_EQ(f->ha.preempt_delay_ms, 250u);
+  EXPECT_EQ(f->ha.unicast_peers.size(), 1u);
+  EXPECT_TRUE(f->ha.use_vmac);
+  EXPECT_EQ(f->ha.garp_refresh_ms, 0u);
+  EXPECT_EQ(f->ha.health_priority_drop, 60u);
+  EXPECT_EQ(f->ha.heartbeat_timeout_ms, 500u);
+  for (auto& w : f->warnings) EXPECT_EQ(w.find("ha."), std::string::npos) << w;
+}
+
+TEST(ConfigHa, RefusalsNameFileLineAndKey) {
+  auto e = [](const std::string& extra) { return delivery_error(extra); };
+  EXPECT_EQ(e("[ha]\nvrid = 1\nvirtual_addresses = [\"198.18.0.100\"]\n").rfind("t.toml:3: ha.interface: is required", 0), 0u);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvirtual_addresses = [\"198.18.0.100\"]\n").find("ha.vrid: is required"), std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvrid = 1\n").find("ha.virtual_addresses: is required"), std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvrid = 256\nvirtual_addresses = [\"198.18.0.100\"]\n")
+                .find("t.toml:5: ha.vrid: must be between 1 and 255"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "priority = 0\n").find("t.toml:7: ha.priority: must be between 1 and 255"),
+            std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "advert_interval = \"5ms\"\n").find("ha.advert_interval: must be between \"10ms\""),
+            std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "advert_interval = \"15ms\"\n").find("centiseconds"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "advert_interval = \"41s\"\n").find("ha.advert_interval"), std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvrid = 1\nvirtual_addresses = [\"2001:db8::1/64\"]\n")
+                .find("ha.virtual_addresses: \"2001:db8::1/64\" is not an IPv4"), std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvrid = 1\nvirtual_addresses = [\"198.18.0.1/33\"]\n")
+                .find("ha.virtual_addresses"), std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvrid = 1\nvirtual_addresses = [\"198.18.0.1\", \"198.18.0.1/24\"]\n")
+                .find("listed twice"), std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"eth0\"\nvrid = 1\nvirtual_addresses = []\n").find("ha.virtual_addresses: expected"),
+            std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"a/b\"\nvrid = 1\nvirtual_addresses = [\"198.18.0.1\"]\n").find("ha.interface"),
+            std::string::npos);
+  EXPECT_NE(e("[ha]\ninterface = \"abcdefghijklmnop\"\nvrid = 1\nvirtual_addresses = [\"198.18.0.1\"]\n")
+                .find("ha.interface"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "backend = \"xdp\"\n").find("ha.backend: \"xdp\": expected"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "dpdk_args = \"-l 1\"\n").find("ha.dpdk_args: only used with"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "unicast_peers = [\"peer\"]\n").find("ha.unicast_peers: \"peer\" is not"),
+            std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "garp_burst = 0\n").find("ha.garp_burst"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "garp_refresh = \"100ms\"\n").find("ha.garp_refresh: must be 0"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "health_priority_drop = 255\n").find("ha.health_priority_drop"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "heartbeat_timeout = \"50ms\"\n").find("ha.heartbeat_timeout"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "colour = 1\n").find("ha.colour: unknown key"), std::string::npos);
+#if TERN_HAVE_DPDK
+  EXPECT_NE(e(std::string(ha_min) + "backend = \"dpdk\"\nunicast_peers = [\"198.18.0.2\"]\n")
+                .find("ha.unicast_peers: not supported with backend = \"dpdk\""), std::string::npos);
+#endif
 }
