@@ -9,7 +9,7 @@
 
 namespace tern::net {
 
-int open_listener(const address& a, int backlog, std::string& err) {
+int open_listener(const address& a, int backlog, std::string& err, bool freebind) {
   int fd = ::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     err = "socket: " + std::string(strerror(errno));
@@ -20,6 +20,12 @@ int open_listener(const address& a, int backlog, std::string& err) {
   setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // inherited by accepted sockets
   if (a.family() == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  if (freebind && setsockopt(fd, a.family() == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IP,
+                             a.family() == AF_INET6 ? IPV6_FREEBIND : IP_FREEBIND, &one, sizeof one) != 0) {
+    err = "setsockopt IP_FREEBIND " + a.to_string() + ": " + strerror(errno);
+    ::close(fd);
+    return -1;
+  }
   if (::bind(fd, reinterpret_cast<const sockaddr*>(&a.ss), a.len) != 0) {
     err = "bind " + a.to_string() + ": " + strerror(errno);
     ::close(fd);

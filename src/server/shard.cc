@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -50,6 +51,8 @@ uint64_t shard::wall_us() const {
 void shard::new_queue_id(char (&out)[smtp::queue_id_len + 1]) { writer_.next_id(out); }
 
 bool shard::init(std::string& err) {
+  if (const char* d = getenv("TERN_FAULT_STALL_DIR"); d && *d)
+    fault_stall_path_ = std::string(d) + "/stall-shard-" + std::to_string(setup_.index);
   if (setup_.cpu >= 0) {
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -65,7 +68,9 @@ bool shard::init(std::string& err) {
   ro.recv_buffers = cfg_.tuning.recv_buffers;
   ro.recv_buffer_size = cfg_.tuning.recv_buffer_size;
   ro.need_multishot_recv = true;
-  ro.tick_ms = tick_ms;
+  // The loop turns at least this often even when idle, so its heartbeat stays fresh: with
+  // [ha], a quarter of the heartbeat timeout, or an idle shard would look stuck.
+  ro.tick_ms = cfg_.ha.enabled ? std::clamp<uint64_t>(cfg_.ha.heartbeat_timeout_ms / 4, 10, tick_ms) : tick_ms;
   ro.required_ops = {{IORING_OP_ACCEPT, "ACCEPT"}, {IORING_OP_RECV, "RECV"},   {IORING_OP_SEND, "SEND"},
                      {IORING_OP_CONNECT, "CONNECT"}, {IORING_OP_READ, "READ"}, {IORING_OP_UNLINKAT, "UNLINKAT"},
                      {IORING_OP_WRITEV, "WRITEV"}, {IORING_OP_FSYNC, "FSYNC"}, {IORING_OP_CLOSE, "CLOSE"},
@@ -115,6 +120,18 @@ bool shard::init(std::string& err) {
   setup_.recovered.clear();
   setup_.kept_segments.clear();
   return true;
+}
+
+// Fault injection for the HA tests (a stuck shard): with TERN_FAULT_STALL_DIR set, the loop
+// blocks while <dir>/stall-shard-<index> exists. Checked once per tick; unset (the default)
+// it costs one empty-string test per tick.
+void shard::fault_stall() {
+  struct stat st;
+  if (::stat(fault_stall_path_.c_str(), &st) != 0) return;
+  log::warn("shard {}: fault injection: stalled while {} exists", setup_.index, fault_stall_path_);
+  log::flush();
+  while (::stat(fault_stall_path_.c_str(), &st) == 0) usleep(10000);
+  log::warn("shard {}: fault injection: running again", setup_.index);
 }
 
 void shard::request_stop() {
@@ -215,6 +232,7 @@ void shard::begin_stop() {
     ::close(setup_.listen_fds[li]);
     setup_.listen_fds[li] = -1;
   }
+  ctr_.accepting.store(false, std::memory_order_release);  // HA resigns only after this
   for (uint32_t i = 0; i < slots_.capacity(); ++i) {
     if (!slots_.used(i)) continue;
     conn& c = slots_[i];
@@ -818,6 +836,7 @@ void shard::spool_results() {
 }
 
 void shard::tick() {
+  if (!fault_stall_path_.empty()) fault_stall();
   writer_.tick(rx_->ring(), ud::make(owner::spool, 0, 0, 0));
   if (delivery_) delivery_->tick();
   // The privileged session must make progress: one that has sent nothing for

@@ -59,6 +59,7 @@ struct alignas(64) shard_counters {
   std::atomic<uint64_t> message_memory{0};   // bytes held by message buffers now
   std::atomic<uint64_t> message_memory_peak{0};
   std::atomic<bool> spool_healthy{true};     // health signal: false while writes fail
+  std::atomic<bool> accepting{true};         // false once stop has closed the listeners
 };
 
 // Single-writer increment: a plain load and store, not a locked read-modify-write.
@@ -174,6 +175,7 @@ class shard final : public smtp::session_host, private core::completion_handler,
   void refuse(int fd, const char* text);
   void spool_results();
   void tick();
+  void fault_stall();
   void begin_stop();
   void log_stats(const char* what);
 
@@ -184,6 +186,7 @@ class shard final : public smtp::session_host, private core::completion_handler,
   std::unique_ptr<core::inbox<control_msg, 64>> inbox_;
   std::atomic<bool> stop_requested_{false};
   bool stopping_ = false;
+  std::string fault_stall_path_;  // TERN_FAULT_STALL_DIR/stall-shard-<index>, or empty
   uint64_t stop_deadline_ms_ = 0;
 
   core::slot_table<conn> slots_;
