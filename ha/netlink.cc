@@ -524,6 +524,7 @@ bool create_vmac(const link_info& parent, uint8_t vrid, std::string& name_out, i
         {false, "arp_ignore", "1"},   {false, "arp_announce", "2"},
         {false, "accept_local", "1"}, {false, "rp_filter", "0"},
         {true, "arp_ignore", "1"},    {true, "arp_filter", "1"},
+        {true, "arp_announce", "2"},
     };
     for (const auto& s : sysctls) {
         if (!write_sysctl(s.on_parent ? parent.name : name, s.key, s.value, err)) return false;

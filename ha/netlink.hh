@@ -24,6 +24,12 @@
 //   parent arp_ignore=1     the parent must not answer ARP for the VIPs with its own MAC
 //          arp_filter=1     (Linux answers ARP for any local address on any interface
 //                            by default, which would undo the vmac)
+//          arp_announce=2   replies to clients leave through the parent (the connected
+//                            route is there) with a VIP as source; without this, the ARP
+//                            request the parent sends to resolve the client says "VIP is
+//                            at <parent MAC>" and every host that hears it overwrites the
+//                            virtual MAC (found by the vmac test; keepalived sets only the
+//                            first two)
 // The parent's settings are left in place by delete_link (keepalived restores them when it
 // removes its last vmac; ternd keeps the vmac for its lifetime, see the report/docs).
 //

@@ -170,6 +170,7 @@ TEST(ha_netlink, create_vmac_makes_private_macvlan_with_virtual_mac_and_sysctls)
         EXPECT_EQ(sysctl("vrrp.42", "rp_filter"), "0");
         EXPECT_EQ(sysctl("v0", "arp_ignore"), "1");
         EXPECT_EQ(sysctl("v0", "arp_filter"), "1");
+        EXPECT_EQ(sysctl("v0", "arp_announce"), "2");
 
         // A second call (ternd restarted) reuses the interface as it is.
         std::string name2;
