@@ -9,6 +9,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
+#include <cassert>
 #include <cerrno>
 #include <cstring>
 #include <functional>
@@ -29,12 +31,15 @@ std::string to_text(const ip_address& a) {
     return buf;
 }
 
-// One request being built: header, family header, attributes (with nesting). Bytes are
-// copied in with memcpy so nothing depends on the vector's alignment.
+// Limit: bytes in one request we build. Our largest (the macvlan RTM_NEWLINK) is under 100.
+constexpr size_t netlink_request_max = 512;
+
+// One request being built: header, family header, attributes (with nesting), in a fixed
+// buffer. Bytes are copied in with memcpy so nothing depends on the buffer's alignment.
 class nl_request {
 public:
     nl_request(uint16_t type, uint16_t flags) {
-        buf_.resize(NLMSG_HDRLEN);
+        len_ = NLMSG_HDRLEN;
         nlmsghdr h{};
         h.nlmsg_type = type;
         h.nlmsg_flags = uint16_t(flags | NLM_F_REQUEST);
@@ -58,30 +63,32 @@ public:
         attr(type, z.c_str(), z.size() + 1);
     }
     size_t nest_begin(uint16_t type) {
-        size_t at = buf_.size();
+        size_t at = len_;
         attr(type, nullptr, 0);
         return at;
     }
     void nest_end(size_t at) {
-        uint16_t len = uint16_t(buf_.size() - at);
+        uint16_t len = uint16_t(len_ - at);
         std::memcpy(buf_.data() + at + offsetof(rtattr, rta_len), &len, sizeof len);
     }
 
     // Sets length and sequence number; returns the bytes to send.
     std::span<const uint8_t> finish(uint32_t seq) {
-        uint32_t len = uint32_t(buf_.size());
+        uint32_t len = uint32_t(len_);
         std::memcpy(buf_.data() + offsetof(nlmsghdr, nlmsg_len), &len, sizeof len);
         std::memcpy(buf_.data() + offsetof(nlmsghdr, nlmsg_seq), &seq, sizeof seq);
-        return buf_;
+        return {buf_.data(), len_};
     }
 
 private:
     void append(const void* p, size_t n) {
-        size_t at = buf_.size();
-        buf_.resize(at + NLMSG_ALIGN(n), 0);
-        if (n) std::memcpy(buf_.data() + at, p, n);
+        // Every request is built from constants and checked names: overflowing is a bug.
+        assert(len_ + NLMSG_ALIGN(n) <= buf_.size());
+        if (n) std::memcpy(buf_.data() + len_, p, n);
+        len_ += NLMSG_ALIGN(n);  // the padding is already zero
     }
-    std::vector<uint8_t> buf_;
+    std::array<uint8_t, netlink_request_max> buf_{};
+    size_t len_ = 0;
 };
 
 // Walks the rtattrs in a byte range, bounds-checked.
