@@ -30,10 +30,14 @@
 
 namespace tern::ha {
 
+// Under use_vmac, give the vmac as ifname/ifindex as well as garp_ifindex: adverts then
+// leave with the virtual MAC as Ethernet source (RFC 5798 7.3), and the private macvlan
+// still hears the group's adverts from other hosts (tested). Without use_vmac all three
+// name the configured interface.
 struct kernel_io_config {
     std::string ifname;     // the interface VRRP runs on (adverts are sent and heard here)
     int ifindex = 0;
-    uint8_t vrid = 0;
+    uint8_t vrid = 0;       // for messages; VRID filtering is ha::filter's job
     bool unicast = false;   // unicast peers: no multicast group join when true
     int garp_ifindex = 0;   // interface whose MAC the GARP carries: the vmac under use_vmac,
                             // else ifindex

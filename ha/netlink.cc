@@ -148,7 +148,7 @@ public:
     // Sends req and reads until its ACK (or, for a dump, NLMSG_DONE). Every other message
     // with our sequence number goes to on_reply. Returns 0 or the errno the kernel gave;
     // ext_msg gets the extended-ACK text when the kernel sent one.
-    int exchange(nl_request& req, bool dump, const reply_fn& on_reply, std::string& ext_msg) {
+    int exchange(nl_request& req, const reply_fn& on_reply, std::string& ext_msg) {
         uint32_t seq = ++seq_;
         auto bytes = req.finish(seq);
         sockaddr_nl kernel{};
@@ -195,11 +195,8 @@ public:
                     if (payload.size() >= sizeof err) std::memcpy(&err, payload.data(), sizeof err);
                     return err < 0 ? -err : 0;
                 }
+                // A GET's answer (the ACK we asked for follows it) or one part of a dump.
                 if (on_reply) on_reply(h.nlmsg_type, payload);
-                if (!dump && !(h.nlmsg_flags & NLM_F_MULTI)) {
-                    // A plain GET answered: the ACK follows because we asked for one.
-                    continue;
-                }
             }
         }
     }
@@ -262,7 +259,7 @@ int get_link(nl_socket& nl, std::string_view ifname, raw_link& out, std::string&
     req.put_family_header(ifi);
     req.attr_str(IFLA_IFNAME, ifname);
     bool seen = false;
-    int e = nl.exchange(req, false, [&](uint16_t type, std::span<const uint8_t> p) {
+    int e = nl.exchange(req, [&](uint16_t type, std::span<const uint8_t> p) {
         if (type == RTM_NEWLINK) {
             parse_link(p, out);
             seen = true;
@@ -334,7 +331,7 @@ int set_link_up(nl_socket& nl, int ifindex, std::string& ext) {
     ifi.ifi_flags = IFF_UP;
     ifi.ifi_change = IFF_UP;
     req.put_family_header(ifi);
-    return nl.exchange(req, false, nullptr, ext);
+    return nl.exchange(req, nullptr, ext);
 }
 
 bool write_sysctl(const std::string& ifname, const char* key, const char* value,
@@ -382,7 +379,7 @@ std::optional<link_info> query_link(std::string_view ifname, std::string& err) {
     ifa.ifa_family = AF_INET;
     req.put_family_header(ifa);
     std::vector<ip_address> secondaries;
-    e = nl.exchange(req, true, [&](uint16_t type, std::span<const uint8_t> p) {
+    e = nl.exchange(req, [&](uint16_t type, std::span<const uint8_t> p) {
         ifaddrmsg m;
         if (type != RTM_NEWADDR || p.size() < sizeof m) return;
         std::memcpy(&m, p.data(), sizeof m);
@@ -420,7 +417,7 @@ bool netlink_addresses::add(std::span<const virtual_address> addresses) {
         if (!valid_address(va, ifname_, error_)) return false;
         auto req = address_request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, ifindex_, va);
         std::string ext;
-        int e = nl.exchange(req, false, nullptr, ext);
+        int e = nl.exchange(req, nullptr, ext);
         if (e != 0 && e != EEXIST) {
             error_ = fail("adding " + to_text(va.address) + "/" + std::to_string(va.prefix) +
                               " to " + ifname_ + " (ifindex " + std::to_string(ifindex_) + ")",
@@ -444,7 +441,7 @@ bool netlink_addresses::remove(std::span<const virtual_address> addresses) {
         }
         auto req = address_request(RTM_DELADDR, 0, ifindex_, va);
         std::string ext;
-        int e = nl.exchange(req, false, nullptr, ext);
+        int e = nl.exchange(req, nullptr, ext);
         if (e != 0 && e != EADDRNOTAVAIL && e != ENOENT) {
             if (ok) {
                 error_ = fail("removing " + to_text(va.address) + "/" +
@@ -507,7 +504,7 @@ bool create_vmac(const link_info& parent, uint8_t vrid, std::string& name_out, i
         req.nest_end(data);
         req.nest_end(info);
         ext.clear();
-        e = nl.exchange(req, false, nullptr, ext);
+        e = nl.exchange(req, nullptr, ext);
         if (e != 0) {
             err = fail("vmac: creating macvlan " + name + " on " + parent.name, e, ext);
             return false;
@@ -557,7 +554,7 @@ bool delete_link(int ifindex, std::string& err) {
     ifi.ifi_index = ifindex;
     req.put_family_header(ifi);
     std::string ext;
-    int e = nl.exchange(req, false, nullptr, ext);
+    int e = nl.exchange(req, nullptr, ext);
     if (e != 0 && e != ENODEV) {
         err = fail("deleting interface with ifindex " + std::to_string(ifindex), e, ext);
         return false;
