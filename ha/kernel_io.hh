@@ -37,7 +37,7 @@ namespace tern::ha {
 struct kernel_io_config {
     std::string ifname;     // the interface VRRP runs on (adverts are sent and heard here)
     int ifindex = 0;
-    uint8_t vrid = 0;       // for messages; VRID filtering is ha::filter's job
+    uint8_t vrid = 0;       // unused by the socket code: VRID filtering is ha::filter's job
     bool unicast = false;   // unicast peers: no multicast group join when true
     int garp_ifindex = 0;   // interface whose MAC the GARP carries: the vmac under use_vmac,
                             // else ifindex
