@@ -59,6 +59,7 @@ void vrrp_instance::send(uint8_t priority) {
 }
 
 void vrrp_instance::arm_master_down(millis now) {
+    resigned_ = false;
     // A backup at priority 0 (health failure) must never take over: no timer at all.
     if (priority_ == 0) {
         deadline_.reset();
@@ -74,6 +75,7 @@ void vrrp_instance::become_master(millis now, transition_reason why) {
     out_.send_garp_burst();
     deadline_ = now + millis(config_.advert_interval_cs) * 10;
     preempt_since_.reset();
+    resigned_ = false;
     transition(vrrp_state::master, why);
 }
 
@@ -127,7 +129,10 @@ void vrrp_instance::advert_received(millis now, const advert& a, const ip_addres
     case vrrp_state::backup: {
         if (a.priority == 0) {
             // The master resigned: wait only the skew so the best backup answers first.
-            if (priority_ != 0) deadline_ = now + skew_ms(priority_, master_adver_interval_cs_);
+            if (priority_ != 0) {
+                deadline_ = now + skew_ms(priority_, master_adver_interval_cs_);
+                resigned_ = true;
+            }
             return;
         }
         bool lower = a.priority < priority_;
@@ -174,7 +179,7 @@ void vrrp_instance::tick(millis now) {
         deadline_.reset();
         return;
     case vrrp_state::backup:
-        become_master(now, transition_reason::master_down);
+        become_master(now, resigned_ ? transition_reason::priority_zero_advert : transition_reason::master_down);
         return;
     case vrrp_state::master:
         send(priority_);

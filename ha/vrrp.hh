@@ -127,6 +127,8 @@ private:
     std::optional<millis> deadline_;
     // keepalived-style preempt delay: when we first heard a lower-priority master.
     std::optional<millis> preempt_since_;
+    // The running deadline is the skew after a priority-0 advert (for the transition's reason).
+    bool resigned_ = false;
     vrrp_counters counters_;
 };
 

@@ -265,6 +265,18 @@ TEST(ha_vrrp, priority_zero_advert_makes_backup_take_over_after_skew_alone) {
     EXPECT_EQ(v.state(), vrrp_state::backup);
     v.tick(1500 + 609);
     EXPECT_EQ(v.state(), vrrp_state::master);
+    EXPECT_EQ(out.reasons.back(), transition_reason::priority_zero_advert);  // the log says why
+}
+
+TEST(ha_vrrp, an_advert_after_priority_zero_restores_the_plain_master_down_reason) {
+    recording_output out;
+    vrrp_instance v(cfg(100), out);
+    v.start(0);
+    v.advert_received(1000, adv(0), high_ip);
+    v.advert_received(1100, adv(200), high_ip);  // a new master appeared within the skew
+    EXPECT_EQ(*v.next_deadline(), 1100 + 3609);
+    v.tick(1100 + 3609);
+    EXPECT_EQ(out.reasons.back(), transition_reason::master_down);
 }
 
 TEST(ha_vrrp, two_machines_hand_over_on_shutdown) {
