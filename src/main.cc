@@ -7,7 +7,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <netinet/in.h>
+
 #include <CLI/CLI.hpp>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <future>
@@ -20,6 +23,7 @@
 #include "spool/scan.hh"
 #include "src/config/config.hh"
 #include "src/core/log.hh"
+#include "src/server/ha.hh"
 #include "src/server/shard.hh"
 #include "src/dns/resolver.hh"
 #include "tls/context.hh"
@@ -100,8 +104,13 @@ int run(const config::config& cfg) {
   std::vector<net::address> bound;
   for (const auto& L : cfg.listen) {
     net::address a = L.address;
+    // A listener on a virtual address binds before the address arrives (VRRP backup).
+    bool freebind = false;
+    if (cfg.ha.enabled && a.family() == AF_INET)
+      for (const auto& v : cfg.ha.virtual_addresses)
+        freebind = freebind || memcmp(&reinterpret_cast<const sockaddr_in&>(a.ss).sin_addr, v.bytes.data(), 4) == 0;
     for (unsigned s = 0; s < nshards; ++s) {
-      int fd = net::open_listener(a, static_cast<int>(cfg.tuning.listen_backlog), err);
+      int fd = net::open_listener(a, static_cast<int>(cfg.tuning.listen_backlog), err, freebind);
       if (fd < 0) {
         log::error("listen: {}", err);
         return 1;
@@ -207,6 +216,28 @@ int run(const config::config& cfg) {
   if (failed)
     log::error("cannot start: shard {}: {}{}", first_shard, first_err,
                nfailed > 1 ? fmt::format(" (and {} other shard(s))", nfailed - 1) : std::string());
+  // HA starts once every shard runs: a node never claims the address before it can serve
+  // it. Health: any shard whose spool is unwritable or whose loop has stopped turning.
+  server::ha_service ha;
+  if (!failed && cfg.ha.enabled) {
+    const uint64_t hb_timeout = cfg.ha.heartbeat_timeout_ms;
+    auto health = [&shards, hb_timeout](ha::millis) -> std::string {
+      uint64_t now = mono_us() / 1000;
+      for (size_t s = 0; s < shards.size(); ++s) {
+        if (!shards[s]->counters().spool_healthy.load(std::memory_order_relaxed))
+          return fmt::format("shard {}: spool writes failing", s);
+        const auto* lc = shards[s]->loop_counters();
+        uint64_t hb = lc ? lc->heartbeat_ms.load(std::memory_order_relaxed) : 0;
+        if (hb && now > hb + hb_timeout) return fmt::format("shard {}: no loop iteration for {} ms", s, now - hb);
+      }
+      return {};
+    };
+    std::string herr;
+    if (!ha.start(cfg.ha, health, herr)) {
+      log::error("cannot start: {}: {}", cfg.source, herr);
+      failed = true;
+    }
+  }
   if (!failed) {
     std::string where;
     for (auto& b : bound) where += (where.empty() ? "" : ", ") + b.to_string();
@@ -244,6 +275,7 @@ int run(const config::config& cfg) {
       }
       if (sig == SIGPIPE) continue;
       if (sig == SIGUSR1) {  // each shard logs its counters, asked through its inbox
+        if (ha.running()) log::info("{}", ha.summary());
         for (auto& sh : shards)
           if (!sh->post_log_stats_ok()) log::warn("a shard's inbox is full: stats request dropped");
         continue;
@@ -254,6 +286,16 @@ int run(const config::config& cfg) {
     }
   }
   for (auto& sh : shards) sh->request_stop();
+  if (ha.running()) {
+    // Handover order: stop accepting (each shard closes its listeners as it begins to
+    // stop), then resign with a priority-0 advert so the backup takes over after its skew
+    // alone, then drain. Bounded: a stuck shard must not keep the address here.
+    uint64_t until = mono_us() + 200000;
+    for (auto& sh : shards)
+      while (sh->counters().accepting.load(std::memory_order_acquire) && mono_us() < until) usleep(200);
+    ha.stop();
+    log::info("{}", ha.summary());
+  }
   for (auto& t : threads) t.join();
   uint64_t msgs = 0, conns = 0, sent = 0, left = 0;
   for (auto& sh : shards) {
