@@ -228,7 +228,9 @@ int run(const config::config& cfg) {
           return fmt::format("shard {}: spool writes failing", s);
         const auto* lc = shards[s]->loop_counters();
         uint64_t hb = lc ? lc->heartbeat_ms.load(std::memory_order_relaxed) : 0;
-        if (hb && now > hb + hb_timeout) return fmt::format("shard {}: no loop iteration for {} ms", s, now - hb);
+        // Stable text: the runner logs each change of reason, not each check.
+        if (hb && now > hb + hb_timeout)
+          return fmt::format("shard {}: stuck (no loop iteration for over {} ms)", s, hb_timeout);
       }
       return {};
     };
