@@ -55,7 +55,8 @@ bytes build_advert(const bytes& vrrp = vrrp_msg) {
 void fix_ip_checksum(bytes& f, size_t ihl = ipv4_header_size) {
     f[ethernet_header_size + 10] = 0;
     f[ethernet_header_size + 11] = 0;
-    uint16_t c = ipv4_header_checksum(std::span<const uint8_t>(f).subspan(ethernet_header_size, ihl));
+    uint16_t c =
+        ipv4_header_checksum(std::span<const uint8_t>(f).subspan(ethernet_header_size, ihl));
     f[ethernet_header_size + 10] = uint8_t(c >> 8);
     f[ethernet_header_size + 11] = uint8_t(c);
 }
