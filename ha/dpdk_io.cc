@@ -113,6 +113,15 @@ std::unique_ptr<dpdk_io> dpdk_io::open(const dpdk_io_config& c, std::string& err
     // From here the pool is the dpdk_io's: its destructor frees it and closes the port.
     std::unique_ptr<dpdk_io> io(new dpdk_io(c, pool));
 
+    rte_ether_addr addr;
+    rc = rte_eth_macaddr_get(port, &addr);
+    if (rc < 0) return fail("rte_eth_macaddr_get", rc);
+    std::memcpy(io->port_mac_.data(), addr.addr_bytes, 6);
+    if (io->config_.src_mac == mac_address{}) io->config_.src_mac = io->port_mac_;
+    auto& own = io->config_.own_macs;
+    if (std::find(own.begin(), own.end(), io->port_mac_) == own.end())
+        own.push_back(io->port_mac_);
+
     int socket = rte_eth_dev_socket_id(port);
     unsigned queue_socket = socket < 0 ? unsigned(SOCKET_ID_ANY) : unsigned(socket);
     rc = rte_eth_rx_queue_setup(port, 0, nrx, queue_socket, nullptr, pool);

@@ -48,10 +48,15 @@ struct dpdk_io_config {
     std::string eal_args;
     uint16_t port = 0;  // DPDK port id, 0 = the first device EAL probed
     // Adverts and GARPs leave with this MAC: the virtual MAC under use_vmac, else the
-    // interface's own.
+    // interface's own. All zero (the default): the port's MAC (rte_eth_macaddr_get; for
+    // net_af_packet, the kernel interface's MAC when the port was probed).
     mac_address src_mac{};
-    // Frames from these MACs are ours (our own tx, the kernel's outgoing frames that
-    // net_af_packet reflects): dropped before parsing. Put src_mac and the interface's MAC.
+    // Frames from these MACs are ours (the kernel's outgoing frames, which net_af_packet
+    // reflects): dropped before parsing. The port's own MAC is always added. Never put the
+    // virtual MAC here: under use_vmac every master sends from it, the peer included, and
+    // its adverts must be heard. Our own adverts from the virtual MAC do not come back
+    // (net_af_packet does not hand a socket its own tx) and, if reflected, ha::filter
+    // drops them by their source address (own_packet).
     std::vector<mac_address> own_macs;
     std::vector<static_neighbour> unicast_peers;  // MACs of unicast advert destinations
     // Sleep between empty rx bursts. Default 1000 us: adverts are 10 ms apart at the
@@ -95,6 +100,10 @@ public:
     // NICs in the kernel's hands do for link-local groups the kernel joined).
     bool allmulticast() const { return allmulticast_; }
     uint16_t port() const { return port_; }
+    // The port's MAC (the kernel interface's under net_af_packet).
+    const mac_address& port_mac() const { return port_mac_; }
+    // The MAC adverts and GARPs leave with (config's src_mac, or the port's).
+    const mac_address& src_mac() const { return config_.src_mac; }
 
 private:
     dpdk_io(const dpdk_io_config& c, rte_mempool* pool);
@@ -108,6 +117,7 @@ private:
 
     dpdk_io_config config_;
     uint16_t port_;
+    mac_address port_mac_{};
     rte_mempool* pool_;
     bool allmulticast_ = false;
     std::atomic<bool> wake_{false};

@@ -225,17 +225,65 @@ TEST_F(ha_dpdk, advert_frame_on_the_wire_is_the_built_frame) {
 
 TEST_F(ha_dpdk, frames_from_own_macs_are_dropped) {
     in_child([] {
+        const mac_address kernel_mac = {0x02, 0x00, 0x00, 0x00, 0x00, 0xa0};
         dpdk_io_config c = ring_config();
-        c.own_macs = {vmac};
+        c.own_macs = {kernel_mac};
         auto io = open_or_fail(c);
         ASSERT_NE(io, nullptr);
-        ASSERT_TRUE(io->send_advert(advert_from(our_ip, group), our_ip, group));
+        port_access port(io->port());
+        bytes msg = advert_from(our_ip, group);
+        bytes frame(128);
+        frame.resize(build_vrrp_frame(frame, kernel_mac, our_ip, group, msg));
+        port.inject(frame);
+        // The port's own MAC is an own MAC without being configured.
+        frame.resize(128);
+        frame.resize(build_vrrp_frame(frame, io->port_mac(), our_ip, group, msg));
+        port.inject(frame);
         recording_sink sink;
         io->poll(100, sink);
         EXPECT_TRUE(sink.got.empty());
-        EXPECT_EQ(io->rx_detail().own_mac, 1u);
-        EXPECT_EQ(io->stats().rx_ignored, 1u);
+        EXPECT_EQ(io->rx_detail().own_mac, 2u);
+        EXPECT_EQ(io->stats().rx_ignored, 2u);
         EXPECT_EQ(io->stats().rx_packets, 0u);
+    });
+}
+
+// Regression guard for use_vmac: every master sends from 00:00:5e:00:01:VRID, the peer
+// included. An advert from the virtual MAC we also send from must still reach the sink.
+TEST_F(ha_dpdk, peer_advert_from_the_shared_virtual_mac_is_heard) {
+    in_child([] {
+        auto io = open_or_fail(ring_config());
+        ASSERT_NE(io, nullptr);
+        ASSERT_EQ(io->src_mac(), vmac);
+        port_access port(io->port());
+        bytes msg = advert_from(peer_ip, group, 200);
+        bytes frame(128);
+        frame.resize(build_vrrp_frame(frame, vmac, peer_ip, group, msg));
+        port.inject(frame);
+        recording_sink sink;
+        io->poll(2000, sink);
+        ASSERT_EQ(sink.got.size(), 1u);
+        EXPECT_EQ(sink.got[0].src, peer_ip);
+        EXPECT_EQ(io->rx_detail().own_mac, 0u);
+    });
+}
+
+// (net_ring's MAC is 00:00:00:00:00:00; the veth test below checks a real interface's.)
+TEST_F(ha_dpdk, zero_src_mac_means_the_port_mac) {
+    in_child([] {
+        dpdk_io_config c = ring_config();
+        c.src_mac = {};
+        auto io = open_or_fail(c);
+        ASSERT_NE(io, nullptr);
+        EXPECT_EQ(io->src_mac(), io->port_mac());
+        port_access port(io->port());
+        const std::array<ip_address, 1> vips = {vip1};
+        ASSERT_TRUE(io->send_garp(vips));
+        auto frames = port.capture();
+        ASSERT_EQ(frames.size(), 1u);
+        mac_address from{};
+        ASSERT_TRUE(frame_source_mac(frames[0], from));
+        EXPECT_EQ(from, io->port_mac());
     });
 }
 
@@ -504,7 +552,7 @@ dpdk_io_config veth_config() {
     dpdk_io_config c;
     c.eal_args = eal_args(std::string("net_af_packet0,iface=") + dpdk_side);
     c.src_mac = vmac;
-    c.own_macs = {vmac, dpdk_if_mac};
+    // own_macs left empty: the port's MAC (tv0's) is added by open().
     return c;
 }
 
@@ -557,8 +605,11 @@ TEST_F(ha_dpdk_veth, peer_advert_reaches_the_sink) {
     in_child([] {
         make_veth_lab();
         peer_socket peer;
-        auto io = open_or_fail(veth_config());
+        dpdk_io_config c = veth_config();
+        c.src_mac = {};  // not use_vmac: we send from the interface's MAC, read at probe time
+        auto io = open_or_fail(c);
         ASSERT_NE(io, nullptr);
+        EXPECT_EQ(io->src_mac(), dpdk_if_mac);
         bytes msg = advert_from(peer_ip, group, 200);
         bytes frame(128);
         frame.resize(build_vrrp_frame(frame, peer_mac, peer_ip, group, msg));
@@ -584,6 +635,7 @@ TEST_F(ha_dpdk_veth, kernel_outgoing_frames_are_not_handed_up) {
         peer_socket peer;
         auto io = open_or_fail(veth_config());
         ASSERT_NE(io, nullptr);
+        EXPECT_EQ(io->port_mac(), dpdk_if_mac);
 
         int s = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, vrrp_protocol);
         ASSERT_GE(s, 0) << std::strerror(errno);
