@@ -7,6 +7,10 @@
 #include <rte_mbuf.h>
 #include <rte_mempool.h>
 
+#include <linux/if_packet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -133,19 +137,43 @@ std::unique_ptr<dpdk_io> dpdk_io::open(const dpdk_io_config& c, std::string& err
 
     // Promiscuous off: the NIC's unicast filter keeps other hosts' traffic off our ring.
     // All-multicast on, to hear 224.0.0.18 without programming the group into the NIC.
-    // Drivers without the mode (net_af_packet, net_ring) say ENOTSUP: not fatal.
+    // Drivers without the mode (net_af_packet) say ENOTSUP: kernel_allmulti() then asks the
+    // kernel interface underneath, if there is one.
     rc = rte_eth_promiscuous_disable(port);
     if (rc < 0 && rc != -ENOTSUP) return fail("rte_eth_promiscuous_disable", rc);
     rc = rte_eth_allmulticast_enable(port);
     if (rc < 0 && rc != -ENOTSUP) return fail("rte_eth_allmulticast_enable", rc);
     io->allmulticast_ = rc == 0 && rte_eth_allmulticast_get(port) == 1;
+    if (!io->allmulticast_) io->kernel_allmulti();
     return io;
 }
 
 dpdk_io::dpdk_io(const dpdk_io_config& c, rte_mempool* pool)
     : config_(c), port_(c.port), pool_(pool) {}
 
+void dpdk_io::kernel_allmulti() {
+    // A port over a kernel interface (net_af_packet reports its ifindex) receives what the
+    // kernel's NIC filter passes, and 224.0.0.18 passes only if something joined it. A
+    // packet socket's PACKET_MR_ALLMULTI membership puts the interface in all-multicast for
+    // as long as the socket stays open, and the kernel drops it when we close it (or die).
+    rte_eth_dev_info info;
+    if (rte_eth_dev_info_get(port_, &info) != 0 || info.if_index == 0) return;
+    int fd = ::socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    if (fd < 0) return;
+    packet_mreq mr;
+    std::memset(&mr, 0, sizeof mr);
+    mr.mr_ifindex = int(info.if_index);
+    mr.mr_type = PACKET_MR_ALLMULTI;
+    if (setsockopt(fd, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof mr) != 0) {
+        ::close(fd);
+        return;
+    }
+    allmulti_fd_ = fd;
+    allmulticast_ = true;
+}
+
 dpdk_io::~dpdk_io() {
+    if (allmulti_fd_ >= 0) ::close(allmulti_fd_);
     // Stop before freeing the pool: the driver holds rx mbufs from it until stopped.
     // rte_eth_dev_stop on a port that never started only returns an error.
     rte_eth_dev_stop(port_);

@@ -95,9 +95,10 @@ public:
     const io_stats& stats() const override { return stats_; }
 
     const dpdk_rx_detail& rx_detail() const { return rx_detail_; }
-    // False when the driver has no all-multicast mode (net_af_packet: the kernel interface
-    // then delivers 224.0.0.18 only if its own multicast filter passes it; veth and most
-    // NICs in the kernel's hands do for link-local groups the kernel joined).
+    // Whether the port hears all multicast (so 224.0.0.18). Drivers without the mode
+    // (net_af_packet) over a kernel interface get it from the kernel instead: a packet
+    // socket holds a PACKET_MR_ALLMULTI membership on the interface while we live (needs
+    // CAP_NET_RAW, which net_af_packet needs anyway). False when neither worked.
     bool allmulticast() const { return allmulticast_; }
     uint16_t port() const { return port_; }
     // The port's MAC (the kernel interface's under net_af_packet).
@@ -111,6 +112,7 @@ private:
     template <class Build>
     bool send_frame(Build&& build);
     const mac_address* peer_mac(const ip_address& dst) const;
+    void kernel_allmulti();
     // One rx burst; returns how many VRRP packets went to the sink. more: the burst was
     // full, so frames may still be waiting.
     unsigned rx_once(rx_sink& sink, bool& more);
@@ -120,6 +122,7 @@ private:
     mac_address port_mac_{};
     rte_mempool* pool_;
     bool allmulticast_ = false;
+    int allmulti_fd_ = -1;  // the packet socket holding the kernel interface's allmulti
     std::atomic<bool> wake_{false};
     io_stats stats_;
     dpdk_rx_detail rx_detail_;

@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -486,8 +487,15 @@ void write_sysctl(const char* path, const char* value) {
 // In the child: a private network namespace with tv0 <-> tv1 up, IPv6 off (no router
 // solicitations or MLD reports in the captures). Exits 77 (skip) if that cannot be built.
 void make_veth_lab() {
-    if (unshare(CLONE_NEWNET) != 0) {
-        std::fprintf(stderr, "unshare(CLONE_NEWNET): %s\n", std::strerror(errno));
+    // A mount namespace too, with sysfs mounted again: /sys/class/net shows the namespace
+    // of whoever mounted sysfs, and the tests read tv0's flags there.
+    if (unshare(CLONE_NEWNET | CLONE_NEWNS) != 0) {
+        std::fprintf(stderr, "unshare(CLONE_NEWNET | CLONE_NEWNS): %s\n", std::strerror(errno));
+        _exit(child_skip);
+    }
+    if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+        mount("sysfs", "/sys", "sysfs", 0, nullptr) != 0) {
+        std::fprintf(stderr, "mounting sysfs in the test's namespace: %s\n", std::strerror(errno));
         _exit(child_skip);
     }
     write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
@@ -497,6 +505,15 @@ void make_veth_lab() {
         !run(std::string("ip link set ") + dpdk_side + " up") ||
         !run(std::string("ip link set ") + peer_side + " up"))
         _exit(child_skip);
+}
+
+// The kernel's flags for an interface (dev->flags, as sysfs shows them: SIOCGIFFLAGS
+// hides an IFF_ALLMULTI that comes from a membership rather than from the user).
+unsigned interface_flags(const char* name) {
+    std::ifstream f(std::string("/sys/class/net/") + name + "/flags");
+    unsigned v = 0;
+    f >> std::hex >> v;
+    return v;
 }
 
 // A raw packet socket on the peer's end of the veth pair.
@@ -562,6 +579,9 @@ TEST_F(ha_dpdk_veth, advert_and_garp_reach_the_peer_with_valid_headers) {
         peer_socket peer;
         auto io = open_or_fail(veth_config());
         ASSERT_NE(io, nullptr);
+        // net_af_packet has no all-multicast mode: the kernel interface is put in it.
+        EXPECT_TRUE(io->allmulticast());
+        EXPECT_TRUE(interface_flags(dpdk_side) & IFF_ALLMULTI);
         bytes msg = advert_from(our_ip, group);
         ASSERT_TRUE(io->send_advert(msg, our_ip, group));
         bytes f = peer.next(ethertype_ipv4);
@@ -598,6 +618,9 @@ TEST_F(ha_dpdk_veth, advert_and_garp_reach_the_peer_with_valid_headers) {
         io->poll(100, sink);
         EXPECT_TRUE(sink.got.empty());
         EXPECT_EQ(io->stats().rx_packets, 0u);
+        // Closing gives the interface's all-multicast back.
+        io.reset();
+        EXPECT_FALSE(interface_flags(dpdk_side) & IFF_ALLMULTI);
     });
 }
 
