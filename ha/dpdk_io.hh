@@ -11,7 +11,8 @@
 // Once per process: rte_eal_init cannot run twice, so open() succeeds at most once per
 // process, even after the dpdk_io is destroyed (a second call fails and says so).
 // CPU: poll() sleeps poll_interval_us between empty rx bursts instead of spinning, so an idle
-// HA thread costs about a thousand wakeups a second, not a core (see docs for the measure).
+// HA thread costs about a thousand wakeups a second, not a core: 1.5-2.2% of one core
+// measured at 1 ms on net_ring and net_af_packet (ha_dpdk.idle_poll_cpu_cost*).
 //
 // Trusts: eal_args from the configuration (they name devices and cores).
 // Does not trust: received frames. Frames from own_macs are dropped first (net_af_packet
