@@ -15,8 +15,9 @@ $CXX -o "$out/record_fuzz" tests/fuzz/record_fuzz.cc $common spool/scan.cc -lfmt
 $CXX -o "$out/session_fuzz" tests/fuzz/session_fuzz.cc $common src/smtp/command.cc src/smtp/data.cc src/smtp/session.cc -lfmt
 $CXX -o "$out/client_fuzz" tests/fuzz/client_fuzz.cc src/smtp/client.cc src/smtp/command.cc
 $CXX -o "$out/dsn_fuzz" tests/fuzz/dsn_fuzz.cc src/queue/dsn.cc
+$CXX -o "$out/frame_fuzz" tests/fuzz/frame_fuzz.cc ha/frames.cc ha/packet.cc
 rc=0
-for t in proxy record session client dsn; do
+for t in proxy record session client dsn frame; do
   work="$out/corpus-$t"
   mkdir -p "$work"
   cp -n tests/fuzz/corpus/$t/* "$work"/ 2>/dev/null || true
