@@ -10,8 +10,7 @@
 #include "ha/netlink.hh"
 #include "src/core/log.hh"
 #include "tern_build.hh"
-#if TERN_HAVE_DPDK && __has_include("ha/dpdk_io.hh")
-#define TERN_HA_DPDK 1
+#if TERN_HAVE_DPDK
 #include "ha/dpdk_io.hh"
 #endif
 
@@ -86,17 +85,20 @@ struct ha_service::impl {
             src_mac = ha::virtual_mac_v4(cfg.vrid);
         }
         if (cfg.dpdk) {
-#ifdef TERN_HA_DPDK
+#if TERN_HAVE_DPDK
             ha::dpdk_io_config dc;
             dc.eal_args = cfg.dpdk_args;
             if (dc.eal_args.empty()) {
                 unsigned ncpu = std::max(1u, std::thread::hardware_concurrency());
-                dc.eal_args = "--no-huge -m 64 --no-pci --no-shconf --no-telemetry -l " + std::to_string(ncpu - 1) +
+                dc.eal_args = "--no-huge -m 64 --no-pci --no-shconf --no-telemetry --log-level=lib.eal:notice -l " +
+                              std::to_string(ncpu - 1) +
                               " --vdev net_af_packet0,iface=" + cfg.interface;
             }
             dc.src_mac = src_mac;
+            // Only the interface's own MAC: under use_vmac the peer's adverts come from the
+            // same virtual MAC as ours, and dropping it would hide the peer (split brain).
+            // Our own adverts are still filtered by their source address.
             dc.own_macs = {link->mac};
-            if (cfg.use_vmac) dc.own_macs.push_back(ha::virtual_mac_v4(cfg.vrid));
             io = ha::dpdk_io::open(dc, e);
             if (!io) {
                 err = "ha.dpdk_args: DPDK did not start (" + dc.eal_args + "): " + e;
