@@ -1,0 +1,251 @@
+"""HA test helpers on the namespace lab (netns_lab.py): keepalived nodes, the VIP listener,
+the 1 ms client probe, and state sampling. Shared by test_ha_keepalived_lab.py, test_ha.py
+and bench/failover.py.
+
+    with Lab() as lab:
+        a = keepalived_node(lab, "a", priority=150, interval="10ms", tmp=tmp_path)
+        b = keepalived_node(lab, "b", priority=100, interval="10ms", tmp=tmp_path)
+        wait_for(lambda: lab.holders(VIP, ["a", "b"]) == ["a"])
+        probe = start_probe(lab)
+        lab.cut("a") ...
+        report = probe.finish()          # tern-probe's JSON as a dict
+
+A node is anything with .host, .start(), .stop() (graceful), .kill(), .log() and
+.transitions() (a list of (from, to) state names, in order). KeepalivedNode here; TerndNode
+in test_ha.py follows the same shape so the interop tests can mix them.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TERN_PROBE = str(ROOT / "tools/tern-probe")
+VIP = "198.18.0.100"
+VIP_CIDR = f"{VIP}/24"
+VRID = 51
+PORT = 2525
+
+
+def interval_seconds(interval):
+    """"10ms" / "1s" / "0.1" / 0.01 -> seconds (float)."""
+    if isinstance(interval, (int, float)):
+        return float(interval)
+    s = str(interval).strip()
+    if s.endswith("ms"):
+        return float(s[:-2]) / 1e3
+    if s.endswith("s"):
+        return float(s[:-1])
+    return float(s)
+
+
+def master_down_bound(interval, backup_priority):
+    """RFC 5798: Master_Down_Interval = 3 x interval + skew, skew = (256 - prio) x interval / 256."""
+    i = interval_seconds(interval)
+    return 3 * i + (256 - backup_priority) * i / 256
+
+
+def wait_for(pred, timeout=15, step=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
+def wait_single_holder(lab, hosts, expect=None, timeout=10):
+    """Wait until exactly one of hosts holds the VIP (expect: that one). The holder or None."""
+    def ok():
+        h = lab.holders(VIP, hosts)
+        return len(h) == 1 and (expect is None or h[0] == expect) and h[0]
+    return wait_for(ok, timeout) or None
+
+
+# ---------------------------------------------------------------- keepalived
+def keepalived_conf(host, priority, interval, vrid=VRID, vips=(VIP_CIDR,), preempt=True,
+                    preempt_delay=0, unicast_src=None, unicast_peers=(), garp_repeat=5,
+                    garp_refresh=0, interface="eth0"):
+    i = interval_seconds(interval)
+    lines = [
+        "global_defs {",
+        f"  router_id lab_{host}",
+        "  vrrp_version 3",
+        # No strict mode: it would add iptables rules and refuse unicast; these tests want
+        # the plain protocol.
+        "  vrrp_garp_master_delay 1",
+        f"  vrrp_garp_master_repeat {garp_repeat}",
+        "  vrrp_garp_interval 0.001",
+        # Split brain heal: the master that hears a lower-priority advert GARPs again, so
+        # clients that followed the other master's GARPs come back.
+        f"  vrrp_garp_lower_prio_repeat {garp_repeat}",
+        "  vrrp_garp_lower_prio_delay 0",
+        # The lab's keepalived runs as root with no scripts; do not nag about it.
+        "  script_user root",
+        "  enable_script_security",
+        "}",
+        "vrrp_instance VI_%d {" % vrid,
+        "  state BACKUP",
+        f"  interface {interface}",
+        f"  virtual_router_id {vrid}",
+        f"  priority {priority}",
+        f"  advert_int {i:g}",
+        f"  garp_master_delay 1",
+        f"  garp_master_repeat {garp_repeat}",
+    ]
+    if garp_refresh:
+        lines.append(f"  garp_master_refresh {int(garp_refresh)}")
+    if not preempt:
+        lines.append("  nopreempt")
+    elif preempt_delay:
+        lines.append(f"  preempt_delay {preempt_delay:g}")
+    if unicast_peers:
+        if unicast_src:
+            lines.append(f"  unicast_src_ip {unicast_src}")
+        lines.append("  unicast_peer {")
+        lines += [f"    {p}" for p in unicast_peers]
+        lines.append("  }")
+    lines.append("  virtual_ipaddress {")
+    lines += [f"    {v} dev {interface}" for v in vips]
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+KA_STATE_RE = re.compile(r"\(VI_\d+\) Entering (\w+) STATE")
+
+
+class KeepalivedNode:
+    """One keepalived (VRRP only, foreground) in host's namespace, with its own pid files."""
+
+    kind = "keepalived"
+
+    def __init__(self, lab, host, tmp, priority, interval, **conf):
+        self.lab, self.host = lab, host
+        self.dir = Path(tmp) / f"keepalived-{host}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.priority, self.interval = priority, interval
+        self.conf_path = self.dir / "keepalived.conf"
+        self.conf_path.write_text(keepalived_conf(host, priority, interval, **conf))
+        self.logpath = self.dir / "keepalived.log"
+        self.proc = None
+
+    def argv(self):
+        d = self.dir
+        return ["keepalived", "-n", "-l", "-D", "-P", "-G", "-f", str(self.conf_path),
+                "-p", str(d / "keepalived.pid"), "-r", str(d / "vrrp.pid"),
+                "-c", str(d / "checkers.pid"), "-b", str(d / "bfd.pid"),
+                "-i", f"lab_{self.host}"]
+
+    def start(self):
+        self.logf = open(self.logpath, "ab")
+        self.proc = self.lab.popen(self.host, self.argv(), stdout=self.logf, stderr=subprocess.STDOUT)
+        # keepalived has no "ready" line; its VRRP child logs the instance's first state.
+        if not wait_for(lambda: self.transitions() or self.proc.poll() is not None, 10):
+            raise RuntimeError(f"keepalived on {self.host} did not start:\n{self.log()}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"keepalived on {self.host} exited {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    def stop(self, timeout=10):
+        """Graceful: keepalived sends a priority-0 advert and drops the VIP."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self):
+        return self.logpath.read_text(errors="replace") if self.logpath.exists() else ""
+
+    def states(self):
+        return KA_STATE_RE.findall(self.log())
+
+    def transitions(self):
+        """[(from, to)]: keepalived logs only the state entered; the first from is INIT."""
+        st = ["INIT"] + self.states()
+        return list(zip(st, st[1:]))
+
+    def state(self):
+        s = self.states()
+        return s[-1] if s else "INIT"
+
+
+def vip_listener(lab, host, port=PORT, vip=VIP):
+    """What answers TCP on the VIP on a keepalived node: tern-probe listen (IP_FREEBIND)."""
+    p = lab.popen(host, [TERN_PROBE, "listen", "--bind", f"{vip}:{port}"],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    line = p.stderr.readline().decode()
+    if "listening on" not in line:
+        raise RuntimeError(f"VIP listener on {host} did not start: {line!r}")
+    return p
+
+
+def keepalived_node(lab, host, priority, interval, tmp, listen_port=PORT, start=True, **conf):
+    """A keepalived VRRP node on host (vrrp_version 3, state BACKUP, VIP 198.18.0.100/24,
+    VRID 51 unless conf says otherwise) plus a TCP listener on VIP:listen_port (None: none).
+    conf: keepalived_conf() keywords (preempt, preempt_delay, unicast_peers, vrid, ...)."""
+    n = KeepalivedNode(lab, host, tmp, priority, interval, **conf)
+    if listen_port:
+        n.listener = vip_listener(lab, host, listen_port)
+    return n.start() if start else n
+
+
+# ---------------------------------------------------------------- the client probe
+class ProbeRun:
+    def __init__(self, proc):
+        self.proc = proc
+
+    def finish(self, timeout=10):
+        """Stop the probe; its JSON report as a dict."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=timeout)
+        return json.loads(out)
+
+
+def start_probe(lab, host="client", target=None, interval_ms=1.0, timeout_ms=200.0, wait_ok=True):
+    """tern-probe in host, connecting to VIP:PORT every interval_ms; returns once it is
+    running (after its first success when wait_ok)."""
+    target = target or f"{VIP}:{PORT}"
+    p = lab.popen(host, [TERN_PROBE, "probe", "--target", target, "--interval-ms", str(interval_ms),
+                         "--timeout-ms", str(timeout_ms)],
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = p.stderr.readline().decode()
+    if "ready" not in line:
+        raise RuntimeError(f"tern-probe did not start: {line!r}")
+    return ProbeRun(p)
+
+
+class Sampler:
+    """Samples who holds the VIP among hosts every `step` seconds in a thread; .stop() ->
+    list of (t, holders tuple)."""
+
+    def __init__(self, lab, hosts, step=0.01):
+        import threading
+        self.lab, self.hosts, self.step = lab, list(hosts), step
+        self.samples = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), tuple(self.lab.holders(VIP, self.hosts))))
+            time.sleep(self.step)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+        return self.samples
