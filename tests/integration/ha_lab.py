@@ -249,3 +249,171 @@ class Sampler:
         self._stop.set()
         self._t.join()
         return self.samples
+
+
+# ---------------------------------------------------------------- ternd nodes
+def ha_section(interface="eth0", vrid=VRID, priority=100, advert_interval="10ms",
+               virtual_addresses=(VIP_CIDR,), preempt=True, preempt_delay="0s", unicast_peers=(),
+               backend="kernel", dpdk_args=None, use_vmac=False, garp_burst=5, garp_refresh="60s",
+               health_priority_drop=0, heartbeat_timeout="1s", tag=""):
+    """ternd's [ha] section (issue 7) as TOML text."""
+    if dpdk_args is None:
+        # --file-prefix keeps two EALs on one machine apart even if a run forgets --no-shconf.
+        dpdk_args = ("--no-huge -m 64 --no-pci --no-shconf --no-telemetry -l 1 "
+                     f"--file-prefix=ternlab{tag} --vdev net_af_packet0,iface={interface}")
+    q = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs) + "]"
+    b = lambda v: "true" if v else "false"
+    return "\n".join([
+        "[ha]",
+        f'interface = "{interface}"',
+        f"vrid = {vrid}",
+        f"priority = {priority}",
+        f'advert_interval = "{advert_interval}"',
+        f"virtual_addresses = {q(virtual_addresses)}",
+        f"preempt = {b(preempt)}",
+        f'preempt_delay = "{preempt_delay}"',
+        f"unicast_peers = {q(unicast_peers)}",
+        f'backend = "{backend}"',
+        f'dpdk_args = "{dpdk_args}"',
+        f"use_vmac = {b(use_vmac)}",
+        f"garp_burst = {garp_burst}",
+        f'garp_refresh = "{garp_refresh}"',
+        f"health_priority_drop = {health_priority_drop}",
+        f'heartbeat_timeout = "{heartbeat_timeout}"',
+    ]) + "\n"
+
+
+def ternd_has_ha(ternd=None):
+    """(True, "") when this ternd accepts an [ha] section; else (False, why)."""
+    import tempfile
+    from conftest import TERND
+    ternd = ternd or TERND
+    if not os.path.exists(ternd):
+        return False, f"{ternd} is not built"
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "ha.toml"
+        cfg.write_text("\n".join([
+            'hostname = "relay.test"', "shards = 1", "[spool]", f'dir = "{d}/spool"',
+            "[[listen]]", f'address = "{VIP}:{PORT}"',
+            "[relay]", 'networks = ["198.18.0.0/24"]', "domains = []"]) + "\n" + ha_section())
+        r = subprocess.run([ternd, "--check-config", str(cfg)], capture_output=True, text=True)
+    if r.returncode == 0:
+        return True, ""
+    out = r.stdout + r.stderr
+    if re.search(r"\bha\b.*unknown|unknown.*\bha\b", out):
+        return False, "ternd has no [ha] support yet: " + out.strip().splitlines()[0]
+    raise RuntimeError(f"ternd --check-config rejects the HA tests' config:\n{out}")
+
+
+HA_LOG_RE = re.compile(r"ha: VRID (\d+) (\w+) -> (\w+) \(reason ([^)]*)\)")
+
+
+class TerndNode:
+    """ternd with an [ha] section inside host's namespace, listening on VIP:PORT (it binds
+    with IP_FREEBIND, so the backup listens too). Same shape as KeepalivedNode."""
+
+    kind = "ternd"
+
+    def __init__(self, lab, host, tmp, priority, interval, backend="kernel", shards=1,
+                 spool=None, env=None, **ha):
+        from conftest import Ternd
+        self.lab, self.host = lab, host
+        self.dir = Path(tmp) / f"ternd-{host}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.priority, self.interval = priority, interval
+        extra = ha_section(priority=priority, advert_interval=interval, backend=backend,
+                           tag=f"{os.getpid()}{host}", **ha)
+        self.t = Ternd(self.dir, shards=shards, listens=[{"address": f"{VIP}:{PORT}"}],
+                       networks=("198.18.0.0/24",), spool=spool, extra=extra,
+                       argv_prefix=lab.exec_prefix(host),
+                       env=None if env is None else {**os.environ, **env})
+        self.proc = None
+
+    def start(self, timeout=20):
+        self.t.start(timeout)
+        self.proc = self.t.proc
+        self.lab.procs.append(self.proc)  # the lab kills it if a test forgets
+        return self
+
+    def stop(self, timeout=20):
+        """SIGTERM: a master stops accepting, sends priority 0, then drains. The exit code."""
+        return self.t.stop(timeout)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.t.kill9()
+
+    def log(self):
+        return self.t.log()
+
+    def transitions(self):
+        return [(f, t) for _, f, t, _ in HA_LOG_RE.findall(self.log())]
+
+    def reasons(self):
+        return [(f, t, r) for _, f, t, r in HA_LOG_RE.findall(self.log())]
+
+    def state(self):
+        tr = self.transitions()
+        return tr[-1][1] if tr else "INIT"
+
+
+def ternd_node(lab, host, priority, interval, tmp, backend="kernel", start=True, **kw):
+    """A ternd HA node on host: TerndNode(...).start()."""
+    n = TerndNode(lab, host, tmp, priority, interval, backend=backend, **kw)
+    return n.start() if start else n
+
+
+# ---------------------------------------------------------------- forged adverts
+def inet_checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+
+
+def vrrp_frame(src_mac, src_ip, vrid=VRID, priority=100, interval_cs=1, addrs=(VIP,), ttl=255,
+               bad_checksum=False, truncate=None, dst_ip="224.0.0.18"):
+    """An Ethernet frame carrying a VRRPv3 advert (RFC 5798 5.1), well formed unless told:
+    ttl, bad_checksum (the VRRP checksum off by one), truncate (keep only that many bytes
+    of the VRRP message, the IP header's length consistent with it)."""
+    import socket as s_
+    import struct
+    hdr = struct.pack("!BBBBH", 0x31, vrid, priority, len(addrs), interval_cs & 0x0fff)
+    body = hdr + b"\0\0" + b"".join(s_.inet_aton(a) for a in addrs)
+    pseudo = s_.inet_aton(src_ip) + s_.inet_aton(dst_ip) + struct.pack("!BBH", 0, 112, len(body))
+    c = inet_checksum(pseudo + body)
+    if bad_checksum:
+        c = (c + 1) & 0xffff
+    body = body[:6] + struct.pack("!H", c) + body[8:]
+    if truncate is not None:
+        body = body[:truncate]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0xc0, 20 + len(body), 0, 0, ttl, 112, 0,
+                     s_.inet_aton(src_ip), s_.inet_aton(dst_ip))
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
+    d = dst_ip.split(".")
+    dst_mac = bytes([0x01, 0x00, 0x5e, int(d[1]) & 0x7f, int(d[2]), int(d[3])])
+    return dst_mac + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00" + ip + body
+
+
+_SENDER = r"""
+import socket, sys, time
+frames = [bytes.fromhex(l) for l in sys.stdin.read().split()]
+count, gap = int(sys.argv[1]), float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for i in range(count):
+    for f in frames:
+        s.send(f)
+    time.sleep(gap)
+"""
+
+
+def send_frames(lab, host, frames, count=1, gap=0.005):
+    """Send raw Ethernet frames from host's eth0 (AF_PACKET), each count times, gap apart."""
+    import sys
+    r = subprocess.run(lab.exec_prefix(host) + ["/usr/bin/python3", "-c", _SENDER, str(count), str(gap)],
+                       input="\n".join(f.hex() for f in frames), capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"frame sender failed: {r.stderr}")

@@ -240,7 +240,8 @@ class Lab:
 
     def has_address(self, host, ip, dev=None):
         argv = ["ip", "-o", "-4", "addr", "show"] + (["dev", dev] if dev else [])
-        out = self.run(host, argv, check=False).stdout
+        # check=True: a failed `ip` must not read as "does not hold it".
+        out = self.run(host, argv).stdout
         return any(f" {ip}/" in l for l in out.splitlines())
 
     def holders(self, ip, hosts=None):
