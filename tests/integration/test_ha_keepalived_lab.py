@@ -152,3 +152,25 @@ def test_keepalived_split_brain_heals(lab, tmp_path):
     time.sleep(1.0)
     samples = s.stop()
     assert all(h == ("a",) for _, h in samples), samples
+
+
+def test_forged_adverts_keepalived_master(lab, tmp_path):
+    """The advert forger (ha_lab.vrrp_frame) is right: keepalived drops the malformed ones
+    and obeys the well-formed one. Only a master runs here: keepalived 2.2.7 as a BACKUP
+    goes MASTER on TTL-254 or bad-checksum adverts (it restarts its master-down timer
+    wrongly), a keepalived fault that test_ha.py would catch in ternd."""
+    from ha_lab import send_frames, vrrp_frame
+    a = keepalived_node(lab, "a", 150, "10ms", tmp_path)
+    assert wait_single_holder(lab, NODES, "a") == "a"
+    before = a.transitions()
+    mac, ip = lab.mac("client"), lab.addr("client")
+    for f in (vrrp_frame(mac, ip, priority=254, ttl=254), vrrp_frame(mac, ip, priority=254, bad_checksum=True),
+              vrrp_frame(mac, ip, vrid=52, priority=254), vrrp_frame(mac, ip, priority=254, truncate=6)):
+        send_frames(lab, "client", [f], count=50, gap=0.003)
+        assert a.transitions() == before and lab.holders(VIP, NODES) == ["a"]
+    log = a.log()
+    assert "invalid TTL" in log and "Invalid VRRPv3 checksum" in log
+    send_frames(lab, "client", [vrrp_frame(mac, ip, priority=254)], count=10, gap=0.005)
+    assert wait_for(lambda: ("MASTER", "BACKUP") in a.transitions()[len(before):], 2)
+    assert "higher priority 254" in a.log()
+    assert wait_single_holder(lab, NODES, "a", timeout=3) == "a"
