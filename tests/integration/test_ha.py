@@ -243,15 +243,16 @@ def test_unwritable_spool_moves_the_address(lab, nodes, backend, tmp_path, drop)
         fs.fail_writes(True)
         t0 = time.monotonic()
         # Mail makes the spool write (and fail) even if ternd's own check is slower.
-        moved = wait_for(lambda: (_send_mail(lab) and False) or lab.holders(VIP, NODES) == ["b"], 10,
-                         step=0.1)
+        def mail_then_check():
+            _send_mail(lab)
+            return lab.holders(VIP, NODES) == ["b"]
+        moved = wait_for(mail_then_check, 10, step=0.1)
         took = time.monotonic() - t0
         assert moved, (lab.holders(VIP, NODES), a.log()[-3000:])
         assert client_follows(lab, "b")
         print(f"unwritable spool ({backend}, drop {drop}): moved in {took * 1e3:.0f} ms")
+        # Whether a node recovers once the disk does is not specified (issue 7): not tested.
         fs.fail_writes(False)
-        # Healthy again: a preempts back.
-        assert wait_single_holder(lab, NODES, "a", timeout=10) == "a", a.log()[-3000:]
         a.stop()
     finally:
         fs.fail_writes(False)
@@ -280,5 +281,3 @@ def test_stuck_shard_moves_the_address(lab, nodes, backend, tmp_path):
         (stall / "stall-shard-1").unlink()
     r = pr.finish()
     print(f"stuck shard ({backend}): moved in {took:.0f} ms, client outage {r['longest_outage_ms']} ms")
-    # The shard turns again: a is healthy and preempts back.
-    assert wait_single_holder(lab, NODES, "a", timeout=10) == "a"
