@@ -52,6 +52,7 @@ def main():
                            vips=ha["virtual_addresses"], preempt=ha.get("preempt", True),
                            garp_repeat=ha.get("garp_burst", 5),
                            garp_refresh=interval_seconds(ha.get("garp_refresh", "60s")),
+                           unicast_peers=ha.get("unicast_peers", ()),
                            interface=ha.get("interface", "eth0"))
     conf = conf.replace("global_defs {", "vrrp_track_file health {\n  file %s\n  weight %d\n}\nglobal_defs {"
                         % (track, -drop if drop else 0), 1)

@@ -284,25 +284,36 @@ def ha_section(interface="eth0", vrid=VRID, priority=100, advert_interval="10ms"
 
 
 def ternd_has_ha(ternd=None):
-    """(True, "") when this ternd accepts an [ha] section; else (False, why)."""
+    """(True, "") when this ternd accepts an [ha] section; else (False, why). Support is
+    probed with the five basic keys, so that a ternd with HA that rejects one of the other
+    keys these tests use is an error (raised), not a silent skip."""
     import tempfile
     from conftest import TERND
     ternd = ternd or TERND
     if not os.path.exists(ternd):
         return False, f"{ternd} is not built"
-    with tempfile.TemporaryDirectory() as d:
-        cfg = Path(d) / "ha.toml"
-        cfg.write_text("\n".join([
-            'hostname = "relay.test"', "shards = 1", "[spool]", f'dir = "{d}/spool"',
-            "[[listen]]", f'address = "{VIP}:{PORT}"',
-            "[relay]", 'networks = ["198.18.0.0/24"]', "domains = []"]) + "\n" + ha_section())
-        r = subprocess.run([ternd, "--check-config", str(cfg)], capture_output=True, text=True)
-    if r.returncode == 0:
-        return True, ""
-    out = r.stdout + r.stderr
-    if re.search(r"\bha\b.*unknown|unknown.*\bha\b", out):
-        return False, "ternd has no [ha] support yet: " + out.strip().splitlines()[0]
-    raise RuntimeError(f"ternd --check-config rejects the HA tests' config:\n{out}")
+
+    def check(ha_text):
+        with tempfile.TemporaryDirectory() as d:
+            cfg = Path(d) / "ha.toml"
+            cfg.write_text("\n".join([
+                'hostname = "relay.test"', "shards = 1", "[spool]", f'dir = "{d}/spool"',
+                "[[listen]]", f'address = "{VIP}:{PORT}"',
+                "[relay]", 'networks = ["198.18.0.0/24"]', "domains = []"]) + "\n" + ha_text)
+            r = subprocess.run([ternd, "--check-config", str(cfg)], capture_output=True, text=True)
+        return r.returncode, r.stdout + r.stderr
+
+    basic = "\n".join(["[ha]", 'interface = "eth0"', f"vrid = {VRID}", "priority = 100",
+                       'advert_interval = "10ms"', f'virtual_addresses = ["{VIP_CIDR}"]']) + "\n"
+    rc, out = check(basic)
+    if rc != 0:
+        if re.search(r"\bha\b.*unknown|unknown.*\bha\b", out):
+            return False, "ternd has no [ha] support yet: " + out.strip().splitlines()[0]
+        raise RuntimeError(f"ternd --check-config rejects a basic [ha] section:\n{out}")
+    rc, out = check(ha_section())
+    if rc != 0:
+        raise RuntimeError(f"ternd --check-config rejects the [ha] section the HA tests use:\n{out}")
+    return True, ""
 
 
 HA_LOG_RE = re.compile(r"ha: VRID (\d+) (\w+) -> (\w+) \(reason ([^)]*)\)")
@@ -417,3 +428,27 @@ def send_frames(lab, host, frames, count=1, gap=0.005):
                        input="\n".join(f.hex() for f in frames), capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         raise RuntimeError(f"frame sender failed: {r.stderr}")
+
+
+_SNIFFER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind(("eth0", 0))
+s.settimeout(0.05)
+end = time.time() + float(sys.argv[1])
+n = 0
+while time.time() < end:
+    try:
+        f = s.recv(2048)
+    except socket.timeout:
+        continue
+    if len(f) > 34 and f[23] == 112:
+        print(socket.inet_ntoa(f[26:30]), socket.inet_ntoa(f[30:34]), f[22], flush=True)
+"""
+
+
+def sniff_vrrp(lab, host, seconds):
+    """VRRP packets host's eth0 sees for seconds: a list of (src, dst, ttl)."""
+    r = subprocess.run(lab.exec_prefix(host) + ["/usr/bin/python3", "-c", _SNIFFER, str(seconds)],
+                       capture_output=True, text=True, timeout=seconds + 30)
+    return [tuple(l.split()[:2]) + (int(l.split()[2]),) for l in r.stdout.splitlines() if l.strip()]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from netns_lab import lab, skip_without_netns  # noqa: F401  (lab is a fixture)
-from ha_lab import (PORT, VIP, Sampler, keepalived_node, master_down_bound, send_frames,
+from ha_lab import (PORT, VIP, Sampler, keepalived_node, master_down_bound, send_frames, sniff_vrrp,
                     start_probe, ternd_has_ha, ternd_node, vrrp_frame, wait_for, wait_single_holder)
 
 _HAS_HA, _WHY = ternd_has_ha()
@@ -140,6 +140,21 @@ def test_sigterm_hands_over_with_priority_zero(lab, nodes, backend):
     assert took < 3 * 100, took
     assert r["longest_outage_ms"] < 3 * 100, r["longest_outage"]
     print(f"graceful handover ({backend}, {interval}): outage {r['longest_outage_ms']} ms")
+
+
+def test_unicast_peers(lab, nodes, backend):
+    """unicast_peers: adverts go to the peer only (the client sees none, TTL 255 on the
+    wire between the nodes), and failover works as with multicast."""
+    a = nodes("ternd", "a", 150, "10ms", backend=backend, unicast_peers=[lab.addr("b")])
+    b = nodes("ternd", "b", 100, "10ms", backend=backend, unicast_peers=[lab.addr("a")])
+    assert wait_single_holder(lab, NODES, "a") == "a"
+    seen_b = sniff_vrrp(lab, "b", 0.5)
+    assert seen_b and all(dst == lab.addr("b") and ttl == 255 for _, dst, ttl in seen_b), seen_b[:5]
+    assert sniff_vrrp(lab, "client", 0.5) == []
+    lab.cut("a")
+    assert wait_single_holder(lab, ["b"], "b")
+    lab.restore("a")
+    assert wait_single_holder(lab, NODES, "a", timeout=5) == "a"
 
 
 # ------------------------------------------------------------------ keepalived interop
