@@ -33,6 +33,9 @@ pkgs=(
   libc-ares-dev dnsmasq-base
   # real clients and peers for the integration tests and benchmarks
   python3 python3-pytest swaks libnet-ssleay-perl postfix haproxy keepalived iproute2 util-linux procps
+  # the HA namespace lab (tests/integration/netns_lab.py): nft for VRRP blocking at the
+  # lab switch, ping for its checks, stress-ng for the CPU hog of bench/failover.sh
+  nftables iputils-ping stress-ng
   # dovecot's LMTP server: the mailbox next hop of tests/integration/test_delivery_peers.py,
   # which runs its own instance; the system's dovecot is never started (below)
   dovecot-core dovecot-lmtpd

@@ -21,7 +21,12 @@
 // before it: a random-length prefix of each file's unsynced appends survives, cut at any
 // byte (torn records), and each directory keeps all or none of its unsynced changes.
 // "sync" makes everything durable (a sync(2) with every directory fsynced, for
-// test setup). Reading the control file gives counters (key=value lines).
+// test setup). "fail-writes on" makes the disk refuse changes, as a failing or
+// read-only-remounted disk does: every write, fsync, fdatasync, directory fsync, create,
+// mknod, mkdir, unlink, rmdir, rename, truncate and fallocate returns EIO and changes
+// nothing, while lookups, reads and readdir still work; "fail-writes off" ends it. The
+// control file itself stays writable. Reading the control file gives counters
+// (key=value lines; failed_ops counts the refused operations, fail_writes is 0 or 1).
 //
 // What it trusts: the tests that mount it. It is a test helper, not a file system for
 // data: everything lives in memory (4 KiB copy-on-write blocks shared between the two
@@ -92,6 +97,7 @@ struct counters {
   uint64_t writes = 0, bytes_written = 0, fsyncs = 0, fdatasyncs = 0, fsyncdirs = 0;
   uint64_t drops = 0, dropped_bytes = 0, dropped_files = 0, dropped_entries = 0;
   uint64_t torn_kept_bytes = 0, torn_kept_dirs = 0;
+  uint64_t failed_ops = 0;
 };
 
 struct dir_snapshot {
@@ -106,6 +112,16 @@ struct dir_snapshot {
 std::map<fuse_ino_t, std::unique_ptr<node>> nodes;  // by inode: drops walk in a set order
 fuse_ino_t next_ino = control_ino + 1;
 counters stats;
+// "fail-writes on": every operation that would change an image fails with EIO.
+bool fail_writes = false;
+
+// True (and the request answered with EIO) when changes are refused.
+bool refuse_change(fuse_req_t req) {
+  if (!fail_writes) return false;
+  ++stats.failed_ops;
+  fuse_reply_err(req, EIO);
+  return true;
+}
 
 timespec now() {
   timespec ts;
@@ -341,14 +357,16 @@ std::string control_text() {
            "writes=%llu\nbytes_written=%llu\nfsyncs=%llu\nfdatasyncs=%llu\nfsyncdirs=%llu\n"
            "drops=%llu\ndropped_bytes=%llu\ndropped_files=%llu\ndropped_entries=%llu\n"
            "torn_kept_bytes=%llu\ntorn_kept_dirs=%llu\n"
-           "unsynced_bytes=%llu\nunsynced_files=%llu\nunsynced_dirs=%llu\n",
+           "unsynced_bytes=%llu\nunsynced_files=%llu\nunsynced_dirs=%llu\n"
+           "failed_ops=%llu\nfail_writes=%d\n",
            (unsigned long long)stats.writes, (unsigned long long)stats.bytes_written,
            (unsigned long long)stats.fsyncs, (unsigned long long)stats.fdatasyncs,
            (unsigned long long)stats.fsyncdirs, (unsigned long long)stats.drops,
            (unsigned long long)stats.dropped_bytes, (unsigned long long)stats.dropped_files,
            (unsigned long long)stats.dropped_entries, (unsigned long long)stats.torn_kept_bytes,
            (unsigned long long)stats.torn_kept_dirs, (unsigned long long)unsynced_bytes,
-           (unsigned long long)unsynced_files, (unsigned long long)unsynced_dirs);
+           (unsigned long long)unsynced_files, (unsigned long long)unsynced_dirs,
+           (unsigned long long)stats.failed_ops, fail_writes ? 1 : 0);
   return b;
 }
 
@@ -410,6 +428,7 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, f
     fuse_reply_err(req, ENOENT);
     return;
   }
+  if (refuse_change(req)) return;
   if (to_set & FUSE_SET_ATTR_SIZE) {
     if (n->is_dir()) {
       fuse_reply_err(req, EISDIR);
@@ -432,6 +451,7 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, f
 // Adds a new node called name under parent; replies with an error and returns null if
 // that cannot be done.
 node* add_child(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  if (refuse_change(req)) return nullptr;
   node* p = find(parent);
   if (!p || !p->is_dir()) {
     fuse_reply_err(req, ENOTDIR);
@@ -471,6 +491,7 @@ void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) 
 }
 
 void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
+  if (refuse_change(req)) return;
   node* p = find(parent);
   if (p && p->is_dir() && !(fi->flags & O_EXCL)) {
     // Lost a race with another creator: open what is there (the kernel did the lookup).
@@ -497,6 +518,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 }
 
 void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (refuse_change(req)) return;
   node* p = find(parent);
   if (!p || !p->is_dir()) {
     fuse_reply_err(req, ENOTDIR);
@@ -517,6 +539,7 @@ void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
 }
 
 void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (refuse_change(req)) return;
   node* p = find(parent);
   if (!p || !p->is_dir()) {
     fuse_reply_err(req, ENOTDIR);
@@ -543,6 +566,7 @@ void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
 
 void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
                const char* newname, unsigned int flags) {
+  if (refuse_change(req)) return;
   if (flags & ~RENAME_NOREPLACE) {
     fuse_reply_err(req, EINVAL);  // RENAME_EXCHANGE, RENAME_WHITEOUT: not needed
     return;
@@ -603,6 +627,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     fuse_reply_err(req, EISDIR);
     return;
   }
+  if ((fi->flags & O_TRUNC) && refuse_change(req)) return;
   if (fi->flags & O_TRUNC) truncate_to(*n, 0);
   fi->keep_cache = 0;  // each open drops the kernel's cached pages: a drop is then seen
   fi->direct_io = 0;   // mmap needs the page cache (recovery maps segments)
@@ -641,6 +666,10 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_
       drop_torn(strtoull(cmd.c_str() + 10, nullptr, 10));
     } else if (cmd == "sync") {
       sync_all();
+    } else if (cmd == "fail-writes on") {
+      fail_writes = true;
+    } else if (cmd == "fail-writes off") {
+      fail_writes = false;
     } else {
       fuse_reply_err(req, EINVAL);
       return;
@@ -653,6 +682,7 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_
     fuse_reply_err(req, ENOENT);
     return;
   }
+  if (refuse_change(req)) return;
   uint64_t at = (fi->flags & O_APPEND) ? n->cur.size : static_cast<uint64_t>(off);
   write_data(*n, buf, size, at);
   ++stats.writes;
@@ -665,6 +695,7 @@ void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req,
 void op_release(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, 0); }
 
 void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) {
+  if (refuse_change(req)) return;
   if (node* n = find(ino); n && !n->is_dir()) {
     // fdatasync makes the size durable too: it is needed to read the data back.
     commit_file(*n);
@@ -710,6 +741,7 @@ void op_releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
 }
 
 void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  if (refuse_change(req)) return;
   if (node* n = find(ino); n && n->is_dir()) {
     commit_dir(*n);
     ++stats.fsyncdirs;
@@ -736,6 +768,7 @@ void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len
     fuse_reply_err(req, n ? EISDIR : ENOENT);
     return;
   }
+  if (refuse_change(req)) return;
   if (mode & ~FALLOC_FL_KEEP_SIZE) {
     fuse_reply_err(req, EOPNOTSUPP);
     return;

@@ -4,6 +4,7 @@
         ...write, fsync...
         fs.drop()      # power cut: everything not fsynced is gone
         fs.stats()     # {'fdatasyncs': ..., 'dropped_bytes': ..., ...}
+        fs.fail_writes(True)   # every change fails with EIO until fail_writes(False)
 """
 import os
 import subprocess
@@ -67,6 +68,11 @@ class Plfs:
     def sync(self):
         """Everything durable, as if synced and every directory fsynced."""
         self.control("sync")
+
+    def fail_writes(self, on=True):
+        """A failing disk: while on, every change (write, fsync, create, mkdir, unlink,
+        rename, truncate, fallocate) fails with EIO and changes nothing; reads still work."""
+        self.control("fail-writes on" if on else "fail-writes off")
 
     def stats(self):
         text = (self.mnt / CONTROL).read_text()

@@ -221,3 +221,42 @@ def test_drop_torn_keeps_or_reverts_each_directory_whole(plfs):
         assert names in ([], ["a", "b"]), names
         outcomes.add(len(names))
     assert outcomes == {0, 2}
+
+
+def test_fail_writes_refuses_every_change_and_keeps_reads(plfs):
+    import errno
+    d = durable_empty_dir(plfs)
+    write_file(d / "f", b"before", sync_file=True, sync_dir=True)
+    fd = os.open(d / "f", os.O_RDWR)  # opened before the disk failed
+    try:
+        plfs.fail_writes(True)
+        assert plfs.stats()["fail_writes"] == 1
+
+        def eio(fn, *args):
+            with pytest.raises(OSError) as e:
+                fn(*args)
+            assert e.value.errno == errno.EIO, (fn, e.value)
+        eio(os.pwrite, fd, b"x", 0)
+        eio(os.fsync, fd)
+        eio(os.fdatasync, fd)
+        eio(os.posix_fallocate, fd, 0, 1 << 20)
+        eio(os.ftruncate, fd, 0)
+        eio(os.open, d / "new", os.O_CREAT | os.O_WRONLY, 0o600)
+        eio(os.open, d / "f", os.O_WRONLY | os.O_TRUNC)
+        eio(os.mkdir, d / "sub")
+        eio(os.rename, d / "f", d / "g")
+        eio(os.unlink, d / "f")
+        eio(fsync_path, d)
+        # Reads, lookups and listings still work, and nothing changed.
+        assert (d / "f").read_bytes() == b"before"
+        assert os.pread(fd, 100, 0) == b"before"
+        assert os.listdir(d) == ["f"]
+        assert plfs.stats()["failed_ops"] >= 11
+        plfs.fail_writes(False)
+        assert plfs.stats()["fail_writes"] == 0
+        os.pwrite(fd, b"after!", 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    plfs.drop()
+    assert (d / "f").read_bytes() == b"after!"

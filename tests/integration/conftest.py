@@ -33,8 +33,12 @@ class Ternd:
     """One ternd process with its own config, spool and log in a temp directory."""
 
     def __init__(self, tmp: Path, shards=1, listens=None, networks=("127.0.0.0/8", "::1"),
-                 domains=(), limits=None, spool=None, extra=""):
+                 domains=(), limits=None, spool=None, extra="", argv_prefix=(), env=None):
         self.tmp = tmp
+        # argv_prefix runs ternd under something, e.g. ["ip", "netns", "exec", NS] (which
+        # execs: the pid stays ternd's, so signals still reach it). env: None inherits.
+        self.argv_prefix = list(argv_prefix)
+        self.env = env
         self.port = free_port()
         self.spool = str(spool or tmp / "spool")
         self.listens = listens if listens is not None else [{"address": f"127.0.0.1:{self.port}"}]
@@ -61,8 +65,8 @@ class Ternd:
 
     def start(self, timeout=15):
         self.logf = open(self.logpath, "ab")
-        self.proc = subprocess.Popen([TERND, "--config", str(self.config)], stdout=self.logf,
-                                     stderr=self.logf, cwd=self.tmp)
+        self.proc = subprocess.Popen(self.argv_prefix + [TERND, "--config", str(self.config)],
+                                     stdout=self.logf, stderr=self.logf, cwd=self.tmp, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
