@@ -65,8 +65,14 @@ void runner::start() {
 
 void runner::check_health(millis now) {
     next_health_ = now + health_period_;
-    if (!health_) return;
-    std::string why = health_(now);
+    if (!health_ && !link_) return;
+    bool link_fault = false;
+    std::string why;
+    if (link_) {
+        why = link_();
+        link_fault = !why.empty();
+    }
+    if (why.empty() && health_) why = health_(now);
     if (why == unhealthy_why_) return;
     bool was_healthy = unhealthy_why_.empty();
     unhealthy_why_ = why;
@@ -76,7 +82,7 @@ void runner::check_health(millis now) {
     uint8_t prio = base;
     std::string vrid = "ha: VRID " + std::to_string(cfg_.vrrp.vrid) + ": ";
     if (!why.empty()) {
-        prio = cfg_.health_priority_drop == 0 ? 0
+        prio = link_fault || cfg_.health_priority_drop == 0 ? 0
                : base > cfg_.health_priority_drop ? uint8_t(base - cfg_.health_priority_drop)
                                                   : uint8_t(1);
         log_(true, vrid + "unhealthy: " + why +
@@ -179,6 +185,15 @@ void runner::garps(uint32_t rounds) {
 void runner::send_garp_burst() {
     garps(cfg_.garp_burst);
     next_garp_ = cfg_.garp_refresh_ms ? clock_() + cfg_.garp_refresh_ms : 0;
+}
+
+void runner::lower_priority_master_seen() {
+    millis now = clock_();
+    if (last_reassert_garp_ >= 0 && now < last_reassert_garp_ + 1000) return;
+    last_reassert_garp_ = now;
+    log_(false, "ha: VRID " + std::to_string(cfg_.vrrp.vrid) +
+                    ": another master with a lower priority: announcing the addresses again");
+    garps(cfg_.garp_burst);
 }
 
 void runner::log_transition(vrrp_state from, vrrp_state to, transition_reason why) {

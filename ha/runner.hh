@@ -56,10 +56,17 @@ public:
     using health_fn = std::function<std::string(millis now)>;
     using clock_fn = std::function<millis()>;
     using log_fn = std::function<void(bool warning, const std::string& line)>;
+    // Empty string: the link can carry VRRP. Otherwise why not ("eth0: no carrier"). A link
+    // fault always means priority 0, whatever health_priority_drop says: a node that cannot
+    // reach the segment must not hold the address (keepalived's FAULT state).
+    using link_fn = std::function<std::string()>;
 
     // io, addresses and the functions must outlive the runner.
     runner(const runner_config& cfg, packet_io& io, address_control& addresses, clock_fn clock,
            health_fn health, log_fn log);
+
+    // Before start(): the link check, polled with the health check.
+    void set_link_check(link_fn link) { link_ = std::move(link); }
 
     // Initialize -> Backup (or Master for priority 255). Removes any virtual address left
     // on the interface by an earlier run that died without cleaning up: a backup must not
@@ -87,6 +94,7 @@ private:
     void remove_addresses() override;
     void send_garp_burst() override;
     void log_transition(vrrp_state from, vrrp_state to, transition_reason why) override;
+    void lower_priority_master_seen() override;
     // rx_sink
     void on_packet(const rx_packet& p) override;
 
@@ -100,6 +108,8 @@ private:
     clock_fn clock_;
     health_fn health_;
     log_fn log_;
+    link_fn link_;
+    millis last_reassert_garp_ = -1;  // lower_priority_master_seen: at most one burst a second
     vrrp_instance vrrp_;
     std::vector<ip_address> vips_;  // cfg_.addresses' addresses, for the filter and the adverts
     millis health_period_;

@@ -163,7 +163,12 @@ void vrrp_instance::advert_received(millis now, const advert& a, const ip_addres
         } else if (a.priority == priority_ && compare(src, config_.primary) > 0) {
             why = transition_reason::higher_address;
         } else {
-            return;  // we win; our next advert tells the other router
+            // We win. Tell the other router now rather than at our next advert (keepalived
+            // does the same), and win the clients back: they may hold its MAC for the address.
+            send(priority_);
+            deadline_ = now + millis(config_.advert_interval_cs) * 10;
+            out_.lower_priority_master_seen();
+            return;
         }
         master_adver_interval_cs_ = interval;
         become_backup(now, why);

@@ -56,6 +56,10 @@ public:
     virtual void remove_addresses() = 0;
     virtual void send_garp_burst() = 0;
     virtual void log_transition(vrrp_state from, vrrp_state to, transition_reason why) = 0;
+    // As master we heard another master with a lower priority (a healed split brain, or a
+    // peer back from a link cut). Clients may have followed its gratuitous ARPs: announce
+    // the addresses again. The backend rate-limits; default: nothing.
+    virtual void lower_priority_master_seen() {}
 };
 
 struct vrrp_config {

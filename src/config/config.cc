@@ -323,8 +323,10 @@ void parse_ha(const ctx& c, const toml::table& h, config& cfg) {
     c.fail(h.get("backend")->source(), "ha.backend", "\"dpdk\": this ternd was built without DPDK (meson -Ddpdk=enabled)");
 #endif
   H.dpdk_args = get_str(c, h, "dpdk_args", "ha.dpdk_args", "");
+  // Warned, not refused: an operator switching backends keeps the arguments for later.
   if (!H.dpdk_args.empty() && !H.dpdk)
-    c.fail(h.get("dpdk_args")->source(), "ha.dpdk_args", "only used with backend = \"dpdk\"");
+    cfg.warnings.push_back(cfg.source + ":" + std::to_string(h.get("dpdk_args")->source().begin.line) +
+                           ": ha.dpdk_args: ignored with backend = \"kernel\"");
   if (H.dpdk && !H.unicast_peers.empty())
     c.fail(h.get("unicast_peers")->source(), "ha.unicast_peers",
            "not supported with backend = \"dpdk\" (it sends adverts to 224.0.0.18 only); use the kernel backend");

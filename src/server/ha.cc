@@ -1,6 +1,10 @@
 #include "src/server/ha.hh"
 
 #include <arpa/inet.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -42,6 +46,21 @@ struct ha_service::impl {
     std::unique_ptr<ha::runner> runner;
     int vmac_ifindex = 0;
     std::string backend_name;
+    int ioctl_fd = -1;  // for SIOCGIFFLAGS: the link check, one syscall per health period
+
+    ~impl() {
+        if (ioctl_fd >= 0) ::close(ioctl_fd);
+    }
+
+    // Empty when the interface is up with a carrier (IFF_UP and IFF_RUNNING).
+    std::string link_state() {
+        ifreq ifr{};
+        snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", cfg.interface.c_str());
+        if (::ioctl(ioctl_fd, SIOCGIFFLAGS, &ifr) != 0) return cfg.interface + ": " + strerror(errno);
+        if (!(ifr.ifr_flags & IFF_UP)) return cfg.interface + ": link administratively down";
+        if (!(ifr.ifr_flags & IFF_RUNNING)) return cfg.interface + ": no carrier";
+        return {};
+    }
 
     // Runs on the HA thread: everything that opens the interface and the backend.
     bool open(std::string& err) {
@@ -139,6 +158,11 @@ struct ha_service::impl {
         rc.garp_burst = cfg.garp_burst;
         rc.garp_refresh_ms = cfg.garp_refresh_ms;
         rc.health_priority_drop = static_cast<uint8_t>(cfg.health_priority_drop);
+        ioctl_fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (ioctl_fd < 0) {
+            err = std::string("socket: ") + strerror(errno);
+            return false;
+        }
         runner = std::make_unique<ha::runner>(
             rc, *io, *addresses, mono_ms, health, [](bool warning, const std::string& line) {
                 if (warning) log::warn("{}", line);
@@ -154,6 +178,7 @@ struct ha_service::impl {
                   cfg.unicast_peers.empty() ? std::string("multicast 224.0.0.18")
                                             : std::to_string(cfg.unicast_peers.size()) + " unicast peer(s)",
                   ip_text(rc.vrrp.primary), vips);
+        runner->set_link_check([this] { return link_state(); });
         runner->start();
         return true;
     }

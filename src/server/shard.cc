@@ -123,8 +123,8 @@ bool shard::init(std::string& err) {
 }
 
 // Fault injection for the HA tests (a stuck shard): with TERN_FAULT_STALL_DIR set, the loop
-// blocks while <dir>/stall-shard-<index> exists. Checked once per tick; unset (the default)
-// it costs one empty-string test per tick.
+// blocks while <dir>/stall-shard-<index> exists. Checked at most every 10 ms (the idle loop
+// turns every tick); unset (the default) it costs one empty-string test per iteration.
 void shard::fault_stall() {
   struct stat st;
   if (::stat(fault_stall_path_.c_str(), &st) != 0) return;
@@ -185,6 +185,10 @@ bool shard::post_log_stats_ok() {
 // --- loop hooks -------------------------------------------------------------------------
 
 void shard::on_inbox() {
+  if (!fault_stall_path_.empty() && rx_->now_ms() >= fault_next_check_ms_) {
+    fault_next_check_ms_ = rx_->now_ms() + 10;
+    fault_stall();
+  }
   if (!stopping_ && stop_requested_.load(std::memory_order_acquire)) begin_stop();
   // Drained every iteration (an empty drain is two atomic operations): a post made after
   // this drain finds the inbox's flag clear and writes the eventfd, whose READ on the ring
@@ -836,7 +840,6 @@ void shard::spool_results() {
 }
 
 void shard::tick() {
-  if (!fault_stall_path_.empty()) fault_stall();
   writer_.tick(rx_->ring(), ud::make(owner::spool, 0, 0, 0));
   if (delivery_) delivery_->tick();
   // The privileged session must make progress: one that has sent nothing for

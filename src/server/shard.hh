@@ -187,6 +187,7 @@ class shard final : public smtp::session_host, private core::completion_handler,
   std::atomic<bool> stop_requested_{false};
   bool stopping_ = false;
   std::string fault_stall_path_;  // TERN_FAULT_STALL_DIR/stall-shard-<index>, or empty
+  uint64_t fault_next_check_ms_ = 0;
   uint64_t stop_deadline_ms_ = 0;
 
   core::slot_table<conn> slots_;

@@ -19,11 +19,13 @@ import os
 import smtplib  # noqa: F401  (used inside the client namespace through a subprocess)
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import TERND
 from netns_lab import lab, skip_without_netns  # noqa: F401  (lab is a fixture)
 from ha_lab import (PORT, VIP, Sampler, keepalived_node, master_down_bound, send_frames, sniff_vrrp,
                     start_probe, ternd_has_ha, ternd_node, vrrp_frame, wait_for, wait_single_holder)
@@ -144,7 +146,15 @@ def test_sigterm_hands_over_with_priority_zero(lab, nodes, backend):
 
 def test_unicast_peers(lab, nodes, backend):
     """unicast_peers: adverts go to the peer only (the client sees none, TTL 255 on the
-    wire between the nodes), and failover works as with multicast."""
+    wire between the nodes), and failover works as with multicast. The DPDK backend sends
+    to the multicast group only: there the config check must refuse the key, naming it."""
+    if backend == "dpdk":
+        cfg = Path(tempfile.mkdtemp()) / "t.toml"
+        cfg.write_text('[[listen]]\naddress = "198.18.0.100:2525"\n[ha]\ninterface = "eth0"\nvrid = 51\n'
+                       'virtual_addresses = ["198.18.0.100/24"]\nbackend = "dpdk"\nunicast_peers = ["198.18.0.12"]\n')
+        r = subprocess.run([TERND, "--check-config", str(cfg)], capture_output=True, text=True)
+        assert r.returncode != 0 and f"{cfg}:8: ha.unicast_peers: not supported" in r.stderr, r.stderr
+        return
     a = nodes("ternd", "a", 150, "10ms", backend=backend, unicast_peers=[lab.addr("b")])
     b = nodes("ternd", "b", 100, "10ms", backend=backend, unicast_peers=[lab.addr("a")])
     assert wait_single_holder(lab, NODES, "a") == "a"

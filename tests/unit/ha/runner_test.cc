@@ -34,6 +34,7 @@ struct fake_io : packet_io {
     io_stats st;
     bool woken = false;
     bool link_up = true;
+    bool deaf = false;  // hears nothing (a one-way fault)
 
     bool send_advert(std::span<const uint8_t> vrrp, const ip_address& src, const ip_address& dst) override;
     bool send_garp(std::span<const ip_address> a) override {
@@ -59,7 +60,7 @@ struct wire {
     void carry(fake_io& from, const fake_io::pkt& p) {
         if (!from.link_up) return;
         for (auto* e : ends) {
-            if (e == &from || !e->link_up) continue;
+            if (e == &from || !e->link_up || e->deaf) continue;
             // Multicast reaches everyone; unicast only its destination.
             if (p.dst == vrrp_multicast_v4() || p.dst == e->me) e->inbox.push_back(p);
         }
@@ -400,6 +401,46 @@ TEST(ha_runner, unicast_peers_each_get_the_advert) {
     std::vector<ip_address> vips{vip};
     local_view us{51, own, vips};
     EXPECT_EQ(filter(255, io.sent[1].src, io.sent[1].dst, io.sent[1].bytes, us, out), drop_reason::accept);
+}
+
+TEST(ha_runner, a_link_fault_gives_up_mastership_even_with_a_priority_drop) {
+    lab l;
+    auto& a = l.add(200, 11, 1, true, /*drop=*/50);
+    auto& b = l.add(100, 12);
+    std::string link;
+    a.r->set_link_check([&] { return link; });
+    l.start();
+    l.run_for(100);
+    ASSERT_EQ(a.r->state(), vrrp_state::master);
+    link = "eth0: no carrier";
+    l.run_for(20);
+    EXPECT_EQ(a.r->state(), vrrp_state::backup);  // priority 0, not 150
+    EXPECT_FALSE(a.addr.held);
+    EXPECT_TRUE(has_log(a, "unhealthy: eth0: no carrier: giving up mastership (priority 0)"));
+    EXPECT_EQ(b.r->state(), vrrp_state::master);
+    link.clear();
+    l.run_for(100);
+    EXPECT_EQ(a.r->state(), vrrp_state::master);  // preempts back once the link is back
+}
+
+TEST(ha_runner, a_healed_split_brain_reannounces_the_addresses_once_a_second_at_most) {
+    lab l;
+    auto& a = l.add(200, 11, 1, true, 0, /*garp_refresh=*/0);
+    auto& b = l.add(100, 12, 1, true, 0, 0);
+    a.io.deaf = b.io.deaf = true;  // split brain: each hears nothing from the other
+    l.start();
+    l.run_for(100);
+    ASSERT_EQ(l.masters(), 2);
+    size_t garps = a.io.garps.size();
+    // Healing, a first: a hears b's adverts for 30 ms (three of them) before b hears a.
+    a.io.deaf = false;
+    l.run_for(30);
+    EXPECT_EQ(a.io.garps.size(), garps + 3);  // one burst (garp_burst 3), not one per advert
+    EXPECT_TRUE(has_log(a, "another master with a lower priority"));
+    b.io.deaf = false;
+    l.run_for(50);
+    EXPECT_EQ(l.masters(), 1);
+    EXPECT_EQ(a.r->state(), vrrp_state::master);
 }
 
 TEST(ha_runner, an_address_that_cannot_be_added_is_logged_and_counted) {

@@ -25,6 +25,7 @@ struct recording_output : vrrp_output {
         calls.push_back(std::string(to_string(from)) + "->" + std::string(to_string(to)));
         reasons.push_back(why);
     }
+    void lower_priority_master_seen() override { calls.push_back("lower master"); }
 };
 
 const ip_address low_ip = ip_address::v4(198, 18, 0, 1);
@@ -444,5 +445,24 @@ TEST(ha_vrrp, early_ticks_and_repeated_calls_change_nothing) {
     EXPECT_EQ(v.state(), vrrp_state::backup);
 }
 
+}  // namespace
+}  // namespace tern::ha
+
+namespace tern::ha {
+namespace {
+TEST(ha_vrrp, master_hearing_a_lower_master_reasserts_at_once_and_reannounces) {
+    recording_output out;
+    vrrp_instance v(cfg(200), out);
+    v.start(0);
+    v.tick(3609);
+    ASSERT_EQ(v.state(), vrrp_state::master);
+    out.calls.clear();
+    v.advert_received(3700, adv(100), high_ip);  // healed split brain: the other master is worse
+    EXPECT_EQ(v.state(), vrrp_state::master);
+    ASSERT_EQ(out.calls.size(), 2u);
+    EXPECT_EQ(out.calls[0], "advert 200");  // it learns now, not at our next interval
+    EXPECT_EQ(out.calls[1], "lower master");
+    EXPECT_EQ(*v.next_deadline(), 3700 + 1000);
+}
 }  // namespace
 }  // namespace tern::ha
