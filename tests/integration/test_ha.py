@@ -167,6 +167,34 @@ def test_unicast_peers(lab, nodes, backend):
     assert wait_single_holder(lab, NODES, "a", timeout=5) == "a"
 
 
+# ------------------------------------------------------------------ use_vmac
+def test_use_vmac_keeps_the_clients_mac_across_a_failover(lab, nodes, backend):
+    """use_vmac: the address sits on the macvlan vrrp.51 with the virtual MAC, so the
+    client's neighbour entry is 00:00:5e:00:01:33 on either node, and a failover changes
+    nothing on the client but the switch's port (learnt from the GARPs). On stop the
+    macvlan is removed."""
+    vmac = "00:00:5e:00:01:33"  # VRID 51
+    a, b = pair(nodes, backend, "10ms", use_vmac=True)
+    assert wait_single_holder(lab, NODES, "a") == "a"
+    assert lab.has_address("a", VIP, dev="vrrp.51")
+    assert lab.mac("a", dev="vrrp.51") == vmac
+    assert prime_arp(lab)
+    assert wait_for(lambda: lab.arp_entry("client", VIP) == vmac, 3), lab.arp_entry("client", VIP)
+    pr = start_probe(lab)
+    time.sleep(0.2)
+    lab.cut("a")
+    assert wait_single_holder(lab, ["b"], "b")
+    assert lab.has_address("b", VIP, dev="vrrp.51")
+    time.sleep(0.3)
+    r = pr.finish()
+    assert r["ok"] > 0 and r["longest_outage_ms"] < master_down_bound("10ms", 100) * 1e3 + SLACK_MS, r
+    assert lab.arp_entry("client", VIP) == vmac
+    lab.restore("a")
+    assert wait_single_holder(lab, NODES, "a", timeout=5) == "a"
+    b.stop()
+    assert "vrrp.51" not in lab.run("b", ["ip", "-o", "link", "show"]).stdout
+
+
 # ------------------------------------------------------------------ keepalived interop
 @pytest.mark.parametrize("master_kind", ["ternd", "keepalived"])
 def test_keepalived_interop(lab, nodes, backend, master_kind):
