@@ -288,7 +288,8 @@ bool open_socket(nl_socket& nl, std::string& err) {
 }
 
 // One IPv4 address request (RTM_NEWADDR / RTM_DELADDR) for ifindex.
-nl_request address_request(uint16_t type, uint16_t flags, int ifindex, const virtual_address& va) {
+nl_request address_request(uint16_t type, uint16_t flags, int ifindex, const virtual_address& va,
+                           uint32_t lifetime_s = 0) {
     nl_request req(type, uint16_t(flags | NLM_F_ACK));
     ifaddrmsg ifa{};
     ifa.ifa_family = AF_INET;
@@ -305,6 +306,14 @@ nl_request address_request(uint16_t type, uint16_t flags, int ifindex, const vir
         uint32_t mask = va.prefix == 0 ? 0 : htonl(~uint32_t(0) << (32 - va.prefix));
         uint32_t brd = a | ~mask;
         req.attr(IFA_BROADCAST, &brd, 4);
+    }
+    if (type == RTM_NEWADDR && lifetime_s) {
+        // A finite lifetime: the kernel deletes the address by itself unless it is renewed,
+        // so a ternd killed as master does not leave it answering ARP.
+        ifa_cacheinfo ci{};
+        ci.ifa_prefered = lifetime_s;
+        ci.ifa_valid = lifetime_s;
+        req.attr(IFA_CACHEINFO, &ci, sizeof ci);
     }
     return req;
 }
@@ -415,7 +424,7 @@ bool netlink_addresses::add(std::span<const virtual_address> addresses) {
     if (!open_socket(nl, error_)) return false;
     for (const auto& va : addresses) {
         if (!valid_address(va, ifname_, error_)) return false;
-        auto req = address_request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, ifindex_, va);
+        auto req = address_request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, ifindex_, va, lifetime_s_);
         std::string ext;
         int e = nl.exchange(req, nullptr, ext);
         if (e != 0 && e != EEXIST) {

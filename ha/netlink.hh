@@ -76,8 +76,12 @@ public:
     // and reports the first failure.
     bool remove(std::span<const virtual_address> addresses) override;
     const std::string& error() const override { return error_; }
+    // 0 (default): addresses are permanent. N: added with valid and preferred lifetimes of N
+    // seconds; add() again renews them (the runner does, while master).
+    void set_lifetime(uint32_t seconds) { lifetime_s_ = seconds; }
 
 private:
+    uint32_t lifetime_s_ = 0;
     int ifindex_;
     std::string ifname_;
     std::string error_;

@@ -103,8 +103,13 @@ void runner::step() {
         garps(1);
         next_garp_ = now + cfg_.garp_refresh_ms;
     }
+    if (next_renew_ && now >= next_renew_ && vrrp_.state() == vrrp_state::master) {
+        add_addresses();
+        next_renew_ = now + cfg_.address_renew_ms;
+    }
     publish();
     millis next = next_health_;
+    if (next_renew_ && vrrp_.state() == vrrp_state::master) next = std::min(next, next_renew_);
     if (auto d = vrrp_.next_deadline()) next = std::min(next, *d);
     if (next_garp_ && vrrp_.state() == vrrp_state::master) next = std::min(next, next_garp_);
     now = clock_();
@@ -163,6 +168,7 @@ void runner::send_advert(uint8_t priority) {
 }
 
 void runner::add_addresses() {
+    if (cfg_.address_renew_ms && !next_renew_) next_renew_ = clock_() + cfg_.address_renew_ms;
     if (!addr_.add(cfg_.addresses)) {
         status_.address_errors.fetch_add(1, std::memory_order_relaxed);
         log_(true, "ha: VRID " + std::to_string(cfg_.vrrp.vrid) + ": " + addr_.error());
@@ -171,6 +177,7 @@ void runner::add_addresses() {
 
 void runner::remove_addresses() {
     next_garp_ = 0;
+    next_renew_ = 0;
     if (!addr_.remove(cfg_.addresses)) {
         status_.address_errors.fetch_add(1, std::memory_order_relaxed);
         log_(true, "ha: VRID " + std::to_string(cfg_.vrrp.vrid) + ": " + addr_.error());

@@ -33,6 +33,7 @@ struct runner_config {
     millis garp_refresh_ms = 60000;          // one more per address this often while master; 0 = off
     uint8_t health_priority_drop = 0;        // unhealthy: 0 = resign (priority 0), N = priority - N
     millis health_period_ms = 0;             // 0: min(advert interval, 100 ms)
+    millis address_renew_ms = 0;             // while master, add the addresses again this often; 0 = never
 };
 
 // Read by other threads (stop summary, SIGUSR1 stats, metrics); written by the runner only.
@@ -115,6 +116,7 @@ private:
     millis health_period_;
     millis next_health_ = 0;
     millis next_garp_ = 0;          // 0: no refresh pending
+    millis next_renew_ = 0;         // 0: no renewal pending
     std::string unhealthy_why_;     // empty while healthy
     std::atomic<bool> stop_requested_{false};
     runner_status status_;

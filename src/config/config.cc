@@ -251,7 +251,7 @@ void parse_ha(const ctx& c, const toml::table& h, config& cfg) {
   check_keys(c, h, "ha.",
              {"interface", "vrid", "priority", "advert_interval", "virtual_addresses", "preempt", "preempt_delay",
               "unicast_peers", "backend", "dpdk_args", "use_vmac", "garp_burst", "garp_refresh",
-              "health_priority_drop", "heartbeat_timeout"});
+              "health_priority_drop", "heartbeat_timeout", "address_lifetime"});
   auto& H = cfg.ha;
   H.enabled = true;
   H.line = static_cast<int>(h.source().begin.line);
@@ -337,6 +337,10 @@ void parse_ha(const ctx& c, const toml::table& h, config& cfg) {
     c.fail(h.get("garp_refresh")->source(), "ha.garp_refresh", "must be 0 (off) or at least \"1s\"");
   H.health_priority_drop = get_int<uint32_t>(c, h, "health_priority_drop", "ha.health_priority_drop", 0, 0, 254);
   H.heartbeat_timeout_ms = get_duration_ms(c, h, "heartbeat_timeout", "ha.heartbeat_timeout", H.heartbeat_timeout_ms, 100, 600 * 1000);
+  H.address_lifetime_s = get_duration_s(c, h, "address_lifetime", "ha.address_lifetime", H.address_lifetime_s, 0, 86400);
+  if (H.address_lifetime_s == 1)
+    c.fail(h.get("address_lifetime")->source(), "ha.address_lifetime",
+           "must be 0 (permanent) or at least \"2s\": the kernel expires addresses with about a second of slack");
 }
 
 std::vector<std::string> get_domains(const ctx& c, const toml::table& t, const char* key, const std::string& full) {

@@ -126,6 +126,7 @@ struct ha_settings {
   uint32_t garp_refresh_ms = 60000;   // one more per address this often while master; 0 = off
   uint32_t health_priority_drop = 0;  // unhealthy: 0 = resign at once (priority-0 advert), N = lower by N
   uint32_t heartbeat_timeout_ms = 1000; // a shard whose loop has not turned for this long is stuck
+  uint32_t address_lifetime_s = 5;    // virtual addresses expire unless renewed (each lifetime/5); 0 = permanent
   int line = 0;
 };
 

@@ -71,6 +71,17 @@ struct ha_service::impl {
             err = key + ": \"" + cfg.interface + "\": " + e;
             return false;
         }
+        ioctl_fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (ioctl_fd < 0) {
+            err = std::string("socket: ") + strerror(errno);
+            return false;
+        }
+        ifreq ifr{};
+        snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", cfg.interface.c_str());
+        if (::ioctl(ioctl_fd, SIOCGIFFLAGS, &ifr) == 0 && (ifr.ifr_flags & IFF_LOOPBACK)) {
+            err = key + ": \"" + cfg.interface + "\" is a loopback interface: VRRP needs the segment the clients are on";
+            return false;
+        }
         ha::runner_config rc;
         for (const auto& v : cfg.virtual_addresses)
             rc.addresses.push_back({to_ip(v.bytes.data()), v.prefix});
@@ -146,6 +157,9 @@ struct ha_service::impl {
             backend_name = "kernel";
         }
         addresses = std::make_unique<ha::netlink_addresses>(addr_ifindex, addr_ifname);
+        addresses->set_lifetime(cfg.address_lifetime_s);
+        // Renewed five times per lifetime: a late renewal or two never lets it lapse.
+        rc.address_renew_ms = ha::millis(cfg.address_lifetime_s) * 1000 / 5;
         rc.vrrp.vrid = cfg.vrid;
         rc.vrrp.priority = cfg.priority;
         rc.vrrp.advert_interval_cs = static_cast<uint16_t>(cfg.advert_interval_ms / 10);
@@ -158,11 +172,6 @@ struct ha_service::impl {
         rc.garp_burst = cfg.garp_burst;
         rc.garp_refresh_ms = cfg.garp_refresh_ms;
         rc.health_priority_drop = static_cast<uint8_t>(cfg.health_priority_drop);
-        ioctl_fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-        if (ioctl_fd < 0) {
-            err = std::string("socket: ") + strerror(errno);
-            return false;
-        }
         runner = std::make_unique<ha::runner>(
             rc, *io, *addresses, mono_ms, health, [](bool warning, const std::string& line) {
                 if (warning) log::warn("{}", line);

@@ -255,7 +255,7 @@ class Sampler:
 def ha_section(interface="eth0", vrid=VRID, priority=100, advert_interval="10ms",
                virtual_addresses=(VIP_CIDR,), preempt=True, preempt_delay="0s", unicast_peers=(),
                backend="kernel", dpdk_args=None, use_vmac=False, garp_burst=5, garp_refresh="60s",
-               health_priority_drop=0, heartbeat_timeout="1s", tag=""):
+               health_priority_drop=0, heartbeat_timeout="1s", address_lifetime="5s", tag=""):
     """ternd's [ha] section (issue 7) as TOML text."""
     if dpdk_args is None:
         # --file-prefix keeps two EALs on one machine apart even if a run forgets --no-shconf.
@@ -280,6 +280,7 @@ def ha_section(interface="eth0", vrid=VRID, priority=100, advert_interval="10ms"
         f'garp_refresh = "{garp_refresh}"',
         f"health_priority_drop = {health_priority_drop}",
         f'heartbeat_timeout = "{heartbeat_timeout}"',
+        f'address_lifetime = "{address_lifetime}"',
     ]) + "\n"
 
 

@@ -167,6 +167,26 @@ def test_unicast_peers(lab, nodes, backend):
     assert wait_single_holder(lab, NODES, "a", timeout=5) == "a"
 
 
+# ------------------------------------------------------------------ kill -9
+def test_killed_master_does_not_keep_answering_for_the_address(lab, nodes, backend):
+    """kill -9 on the master: nobody resigns, so b takes over after its master-down interval;
+    the dead node's kernel would keep the address (and answer ARP for it with RSTs behind)
+    but for its lifetime: it lapses within address_lifetime without a renewal. A restart
+    as backup would remove it at once; here nothing restarts."""
+    a, b = pair(nodes, backend, "10ms", address_lifetime="2s")
+    assert wait_single_holder(lab, NODES, "a") == "a"
+    assert "valid_lft 2sec" in lab.run("a", ["ip", "-4", "addr", "show", "dev", "eth0"]).stdout \
+        or "valid_lft 1sec" in lab.run("a", ["ip", "-4", "addr", "show", "dev", "eth0"]).stdout
+    time.sleep(2.5)  # renewed: still held after more than one lifetime
+    assert lab.holders(VIP, NODES) == ["a"]
+    a.kill()
+    assert wait_for(lambda: lab.has_address("b", VIP), 2)
+    t0 = time.monotonic()
+    assert wait_for(lambda: not lab.has_address("a", VIP), 5), "the dead master still holds the address"
+    assert time.monotonic() - t0 < 3.5
+    assert lab.holders(VIP, NODES) == ["b"]
+
+
 # ------------------------------------------------------------------ use_vmac
 def test_use_vmac_keeps_the_clients_mac_across_a_failover(lab, nodes, backend):
     """use_vmac: the address sits on the macvlan vrrp.51 with the virtual MAC, so the

@@ -429,6 +429,7 @@ TEST(ConfigHa, DefaultsAndFullTable) {
   EXPECT_EQ(h.garp_refresh_ms, 60000u);
   EXPECT_EQ(h.health_priority_drop, 0u);
   EXPECT_EQ(h.heartbeat_timeout_ms, 1000u);
+  EXPECT_EQ(h.address_lifetime_s, 5u);
   // No listener on the address or on 0.0.0.0: warned, not refused.
   bool warned = false;
   for (auto& w : c->warnings) warned = warned || w.find("ha.virtual_addresses: no [[listen]]") != std::string::npos;
@@ -504,6 +505,8 @@ TEST(ConfigHa, RefusalsNameFileLineAndKey) {
   EXPECT_NE(e(std::string(ha_min) + "health_priority_drop = 255\n").find("ha.health_priority_drop"), std::string::npos);
   EXPECT_NE(e(std::string(ha_min) + "heartbeat_timeout = \"50ms\"\n").find("ha.heartbeat_timeout"), std::string::npos);
   EXPECT_NE(e(std::string(ha_min) + "colour = 1\n").find("ha.colour: unknown key"), std::string::npos);
+  EXPECT_NE(e(std::string(ha_min) + "address_lifetime = \"1s\"\n").find("ha.address_lifetime: must be 0"), std::string::npos);
+  EXPECT_EQ(load_ok(std::string(ha_min) + "address_lifetime = \"0s\"\n")->ha.address_lifetime_s, 0u);
 #if TERN_HAVE_DPDK
   EXPECT_NE(e(std::string(ha_min) + "backend = \"dpdk\"\nunicast_peers = [\"198.18.0.2\"]\n")
                 .find("ha.unicast_peers: not supported with backend = \"dpdk\""), std::string::npos);

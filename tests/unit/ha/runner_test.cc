@@ -443,6 +443,30 @@ TEST(ha_runner, a_healed_split_brain_reannounces_the_addresses_once_a_second_at_
     EXPECT_EQ(a.r->state(), vrrp_state::master);
 }
 
+TEST(ha_runner, addresses_are_renewed_while_master_and_not_after) {
+    lab l;
+    runner_config c;
+    c.vrrp.vrid = 51;
+    c.vrrp.priority = 255;
+    c.vrrp.advert_interval_cs = 100;
+    c.vrrp.primary = ip_address::v4(198, 18, 0, 11);
+    c.addresses = {{vip, 24}};
+    c.address_renew_ms = 1000;
+    fake_io io;
+    fake_addresses addr;
+    millis now = 0;
+    runner r(c, io, addr, [&] { return now; }, nullptr, [](bool, const std::string&) {});
+    r.start();
+    ASSERT_EQ(addr.adds, 1);
+    for (now = 1; now <= 3500; ++now) r.step();
+    EXPECT_EQ(addr.adds, 4);  // at 1 s, 2 s and 3 s
+    // The poll never sleeps past the next renewal.
+    for (auto t : io.poll_timeouts) EXPECT_LE(t, 1000);
+    r.stop();
+    for (; now <= 6000; ++now) r.step();
+    EXPECT_EQ(addr.adds, 4);
+}
+
 TEST(ha_runner, an_address_that_cannot_be_added_is_logged_and_counted) {
     lab l;
     auto& a = l.add(255, 11);
