@@ -351,7 +351,11 @@ def test_threads_share_the_port_and_the_counters(sink_factory):
     s = sink_factory("--threads", "2", "--max-messages", "200")
     r = subprocess.run([TERN_LOAD, "--host", s.host, "--port", str(s.port), "-s", "20", "-m", "200", "-l", "300",
                         "-n", "5", "--timeout", "30"], capture_output=True, text=True, timeout=60)
-    assert "accepted=200" in r.stdout, r.stdout + r.stderr
+    # Seen failing about 1 run in 30-50 on a loaded machine (accepted=199 rejected=1, 49
+    # connections instead of 40): the sink's counters on failure say where.
+    if "accepted=200" not in r.stdout:
+        s.proc.wait(15)
+    assert "accepted=200" in r.stdout, r.stdout + r.stderr + s.err()
     assert s.proc.wait(15) == 0, s.err()
     n = s.counters()
     assert n["messages"] == "200" and int(n["connections"]) >= 40, s.err()
