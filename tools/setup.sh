@@ -4,7 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-wolfssl_version=$(dpkg-query -W -f='${Version}' libwolfssl-dev 2>/dev/null || echo unknown)
+# The version names the local wolfSSL build (below). On a fresh machine libwolfssl-dev is not
+# installed yet: wolfssl_paths runs again after the install, or the source fetched would be
+# "wolfssl=unknown".
+wolfssl_paths() {
+  wolfssl_version=$(dpkg-query -W -f='${Version}' libwolfssl-dev 2>/dev/null || echo unknown)
+  wolfssl_hash=$(printf '%s %s' "$wolfssl_version" "$wolfssl_flags" | sha256sum | cut -c1-12)
+  wolfssl_prefix=/opt/tern/wolfssl-${wolfssl_version//[^A-Za-z0-9.]/_}-$wolfssl_hash
+}
 # The features tern uses (TLS 1.3, tickets, SNI, groups, X25519/P-256, AEADs, name check,
 # peer certificate kept, IP subjectAltNames matched for an IP-literal smarthost) plus the
 # asm. --enable-nullcipher only so that the unit test can build a TLS13-SHA256-SHA256
@@ -16,8 +23,7 @@ wolfssl_flags="--enable-static --disable-shared --enable-tls13 --enable-session-
 --enable-sp-asm --enable-harden --enable-nullcipher --enable-fpecc --disable-examples \
 --disable-crypttests --disable-benchmark \
 C_EXTRA_FLAGS='-DKEEP_PEER_CERT -DWOLFSSL_IP_ALT_NAME'"
-wolfssl_hash=$(printf '%s %s' "$wolfssl_version" "$wolfssl_flags" | sha256sum | cut -c1-12)
-wolfssl_prefix=/opt/tern/wolfssl-${wolfssl_version//[^A-Za-z0-9.]/_}-$wolfssl_hash
+wolfssl_paths
 if [ "${1:-}" = "--wolfssl-pc-path" ]; then
   echo "$wolfssl_prefix/lib/pkgconfig"
   exit 0
@@ -86,6 +92,8 @@ fi
 # pkg-config (`tools/setup.sh --wolfssl-pc-path` prints the directory for PKG_CONFIG_PATH).
 # A failed rebuild fails this script loudly: CI must not silently use the slow library. A
 # tree without the local build (plain `meson setup`) still builds against libwolfssl-dev.
+wolfssl_paths
+[ "$wolfssl_version" != unknown ] || { echo "tools/setup.sh: libwolfssl-dev is not installed" >&2; exit 1; }
 if [ ! -f "$wolfssl_prefix/lib/pkgconfig/wolfssl.pc" ]; then
   fail() { echo "tools/setup.sh: FAILED to build wolfSSL with AES-NI into $wolfssl_prefix: $*" >&2; exit 1; }
   [ "$(id -u)" -eq 0 ] || fail "run as root"
