@@ -98,19 +98,21 @@ bool writer::open(const options& o, std::string& err) {
   offset_ = hdr.size();
   set_nonce(nonce);
   // prezero: the first segment is only reserved (start-up stays fast); the spare prepared
-  // at half of it is zeroed, and taken as soon as it is ready. The zeros come from an
-  // anonymous read-only map: it reads as the kernel's zero page and costs no RSS.
+  // at half of it is zeroed, and taken as soon as it is ready. The zeros come from a 1 MiB
+  // anonymous read-only map, written again and again: a map as large as the segment read
+  // as the kernel's zero page on older kernels, but 6.18 counts every page that a write
+  // read from it (a 64 MiB segment added 64 MiB of RSS during the first rollover).
   cur_zeroed_ = false;
   if (o.prezero) {
-    void* z = mmap(nullptr, static_cast<size_t>(o.segment_size), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    size_t zlen = static_cast<size_t>(std::min<uint64_t>(o.segment_size, zero_chunk));
+    void* z = mmap(nullptr, zlen, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (z == MAP_FAILED) {
       log::warn("spool: shard {}: cannot map {} bytes of zeros: segments are reserved, not pre-zeroed", o.shard,
                 o.segment_size);
       opt_.prezero = false;
     } else {
       zeros_ = static_cast<const char*>(z);
-      zeros_len_ = static_cast<size_t>(o.segment_size);
+      zeros_len_ = zlen;
     }
   }
   if (!o.fsync)
@@ -244,7 +246,7 @@ void writer::on_cqe(unsigned op, int res, std::vector<result>& out) {
       }
       spare_.zeroed += static_cast<uint64_t>(res);
       if (spare_.zeroed < opt_.segment_size)
-        spare_write_zeros();  // a short write: the rest
+        spare_write_zeros();  // the next chunk, or the rest of a short write
       else
         spare_header_chain(false);
       return;
@@ -308,12 +310,13 @@ void writer::spare_step_done(bool ok) {
   spare_.state = spare_state::failed;
 }
 
-// prezero: fill the spare with zeros, one WRITE (continued if short), not linked: it is
-// long, and nothing waits for it. Then the header chain.
+// prezero: fill the spare with zeros, one WRITE of up to zero_chunk at a time (the next
+// when it completes, or the rest of a short one), not linked: it is long, and nothing
+// waits for it. Then the header chain.
 void writer::spare_write_zeros() {
   io_uring_sqe* z = sqe();
   uint64_t left = opt_.segment_size - spare_.zeroed;
-  io_uring_prep_write(z, spare_.fd, zeros_ + spare_.zeroed, static_cast<unsigned>(std::min<uint64_t>(left, 1u << 30)),
+  io_uring_prep_write(z, spare_.fd, zeros_, static_cast<unsigned>(std::min<uint64_t>(left, zeros_len_)),
                       spare_.zeroed);
   tag(z, op_spare_zero);
   ++aux_inflight_;

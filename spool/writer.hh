@@ -192,7 +192,10 @@ class writer {
     uint64_t zeroed = 0;  // prezero: bytes of zeros written so far
   } spare_;
   bool cur_zeroed_ = false;       // the current segment was pre-zeroed (prezero)
-  const char* zeros_ = nullptr;   // prezero: segment_size bytes of a read-only anonymous map
+  // prezero: min(segment_size, zero_chunk) bytes of a read-only anonymous map, the source
+  // of every zero WRITE
+  static constexpr uint64_t zero_chunk = 1 << 20;
+  const char* zeros_ = nullptr;
   size_t zeros_len_ = 0;
   unsigned aux_inflight_ = 0;  // SQEs other than the batch's (spare, retire, cut, probe)
   bool probing_ = false;

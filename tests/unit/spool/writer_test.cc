@@ -4,9 +4,11 @@
 // probe succeeds.
 #include "spool/writer.hh"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <filesystem>
@@ -383,4 +385,35 @@ TEST(Writer, PrezeroedSegmentsRecoverClean) {
   uint64_t end = w.offset();
   w.close();
   EXPECT_EQ(std::filesystem::file_size(cur), end) << "close() trims the zeros";
+}
+
+// A segment larger than the writer's zero source (1 MiB, written again and again) and not a
+// multiple of it: the spare is zeroed in several WRITEs, to exactly its size, and reads as
+// zeros after the records.
+TEST(Writer, PrezeroedSegmentLargerThanTheZeroSource) {
+  const uint64_t seg = (uint64_t(5) << 19) + 4096;  // 2.5 MiB + 4 KiB: three zero WRITEs
+  writer_fixture f(seg, true, {}, 8);
+  auto& w = f.w;
+  std::vector<std::string> msgs;
+  for (int i = 0; i < 16; ++i) msgs.push_back(sized_msg(w, 100000));
+  std::vector<writer::result> out;
+  for (size_t i = 0; i < msgs.size(); ++i) {
+    w.append(msgs[i].data(), msgs[i].size(), i);
+    ASSERT_TRUE(w.flush(&f.r.ring, ring_fixture::ud_base, out));
+    f.r.complete(w, out);
+  }
+  ASSERT_EQ(out.size(), msgs.size());
+  for (auto& x : out) EXPECT_TRUE(x.ok);
+  ASSERT_EQ(w.rollovers(), 1u);
+  std::string cur = w.segment_path();
+  ASSERT_EQ(std::filesystem::file_size(cur), seg) << "zeros to the segment size, not a multiple of 1 MiB";
+  std::string bytes(seg, '\1');
+  int fd = ::open(cur.c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pread(fd, bytes.data(), seg, 0), static_cast<ssize_t>(seg));
+  ::close(fd);
+  EXPECT_EQ(bytes.find_first_not_of('\0', w.offset()), std::string::npos) << "zeros after the records";
+  recovery_report rep;
+  EXPECT_EQ(f.recovered(rep).size(), msgs.size());
+  EXPECT_EQ(rep.new_damage, 0u);
 }
