@@ -8,7 +8,9 @@
 #
 # Table 1: postfix's smtp-source, 50 sessions, 2 KiB messages, one message per connection
 #          (smtp-source's default), against: smtp-sink (the client's own ceiling, no disk),
-#          postfix (relaying to smtp-sink), ternd.
+#          postfix (relaying to smtp-sink), ternd (defaults), ternd with [tuning]
+#          idle_poll_us = 0, ternd with pin_shards = false. ternd's CPU time per message
+#          and each round's ratio to that round's ceiling are printed beside the rates.
 # Table 2: tern-load, 50 sessions, 2 KiB, 100 messages per connection, PIPELINING,
 #          against postfix and ternd.
 # Both servers acknowledge a message only after fsync (postfix: cleanup fsyncs the queue
@@ -24,6 +26,7 @@ cleanup() {
   postfix -c "$W/pf/etc" stop >/dev/null 2>&1 || true
   [ -n "${TERN_PID:-}" ] && kill "$TERN_PID" 2>/dev/null || true
   [ -n "${TERN2_PID:-}" ] && kill "$TERN2_PID" 2>/dev/null || true
+  [ -n "${TERN3_PID:-}" ] && kill "$TERN3_PID" 2>/dev/null || true
   [ -n "${BASE_PID:-}" ] && kill "$BASE_PID" 2>/dev/null || true
   [ -n "${SINK_PID:-}" ] && kill "$SINK_PID" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -85,6 +88,12 @@ TN2=$(free_port)
 sed -e "s/127.0.0.1:$TN/127.0.0.1:$TN2/" -e "s#tern-spool#tern-spool2#" "$W/tern.toml" > "$W/tern2.toml"
 printf '[tuning]\npin_shards = false\n' >> "$W/tern2.toml"
 build/src/ternd --config "$W/tern2.toml" 2>"$W/ternd2.log" & TERN2_PID=$!
+# The same with [tuning] idle_poll_us = 0 (the shards sleep at once, as before the idle
+# poll): what the poll buys, in the same rounds.
+TN3=$(free_port)
+sed -e "s/127.0.0.1:$TN/127.0.0.1:$TN3/" -e "s#tern-spool#tern-spool3#" "$W/tern.toml" > "$W/tern3.toml"
+printf '[tuning]\nidle_poll_us = 0\n' >> "$W/tern3.toml"
+build/src/ternd --config "$W/tern3.toml" 2>"$W/ternd3.log" & TERN3_PID=$!
 # An older build, when asked for, with the defaults on its own port and spool.
 if [ -n "${BASE:-}" ]; then
   TNB=$(free_port)
@@ -93,7 +102,7 @@ if [ -n "${BASE:-}" ]; then
 fi
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; return 1; }
-wait_port $SINK; wait_port $PF; wait_port $TN; wait_port $TN2
+wait_port $SINK; wait_port $PF; wait_port $TN; wait_port $TN2; wait_port $TN3
 [ -n "${BASE:-}" ] && wait_port $TNB
 
 # CPU time (user + system) of a process, in microseconds, from /proc/PID/stat.
@@ -119,24 +128,27 @@ pf_queue_empty() { [ -z "$(find "$W/pf/queue/incoming" "$W/pf/queue/active" "$W/
 ROUNDS=${ROUNDS:-3}
 median() { python3 -c "import statistics,sys; print(f'{statistics.median(float(x) for x in sys.argv[1:]):.0f}')" "$@"; }
 ratio() { python3 -c "print(f'{$1/$2:.1f}x')"; }
+pct() { python3 -c "print(f'{100*$1/$2:.0f}')"; }
 
 echo "tern e2e benchmark: $N messages of 2 KiB, 50 sessions, $(nproc) cores, $(uname -r)"
 echo "each figure is the median of $ROUNDS rounds; the servers are measured in turn within each round"
 echo
-sink=(); pf=(); pf_e2e=(); tn=(); tn_np=(); pf2=(); tn2=(); tn2_np=(); tb=(); tn_cpu=(); tb_cpu=()
+sink=(); pf=(); pf_e2e=(); tn=(); tn_np=(); pf2=(); tn2=(); tn2_np=(); tb=(); tn_cpu=(); tb_cpu=(); tn_pct=()
+tn3=(); tn3_cpu=(); tn3_pct=()
 for r in $(seq "$ROUNDS"); do
   sink+=("$(rate ss_run $SINK)")
   t0=$(date +%s.%N); ss_run $PF >/dev/null 2>&1; t1=$(date +%s.%N)
   while ! pf_queue_empty; do sleep 0.2; done; t2=$(date +%s.%N)
   pf+=("$(python3 -c "print(f'{$N/($t1-$t0):.0f}')")"); pf_e2e+=("$(python3 -c "print(f'{$N/($t2-$t0):.0f}')")")
-  read -r x c < <(rate_cpu $TERN_PID ss_run $TN); tn+=("$x"); tn_cpu+=("$c")
+  read -r x c < <(rate_cpu $TERN_PID ss_run $TN); tn+=("$x"); tn_cpu+=("$c"); tn_pct+=("$(pct $x ${sink[-1]})")
+  read -r x c < <(rate_cpu $TERN3_PID ss_run $TN3); tn3+=("$x"); tn3_cpu+=("$c"); tn3_pct+=("$(pct $x ${sink[-1]})")
   if [ -n "${BASE:-}" ]; then read -r x c < <(rate_cpu $BASE_PID ss_run $TNB); tb+=("$x"); tb_cpu+=("$c"); fi
   tn_np+=("$(rate ss_run $TN2)")
   pf2+=("$(rate tl_run $PF)")
   while ! pf_queue_empty; do sleep 0.2; done
   tn2+=("$(rate tl_run $TN)")
   tn2_np+=("$(rate tl_run $TN2)")
-  echo "round $r: smtp-source sink=${sink[-1]} postfix=${pf[-1]} ternd=${tn[-1]} ($(ratio ${tn[-1]} ${pf[-1]})) ternd-unpinned=${tn_np[-1]} ($(ratio ${tn_np[-1]} ${pf[-1]}))${BASE:+ ternd-base=${tb[-1]} ($(ratio ${tb[-1]} ${pf[-1]}))} cpu/msg ternd=${tn_cpu[-1]}us${BASE:+ base=${tb_cpu[-1]}us}; tern-load postfix=${pf2[-1]} ternd=${tn2[-1]} ($(ratio ${tn2[-1]} ${pf2[-1]})) ternd-unpinned=${tn2_np[-1]}"
+  echo "round $r: smtp-source sink=${sink[-1]} postfix=${pf[-1]} ternd=${tn[-1]} ($(ratio ${tn[-1]} ${pf[-1]}), ${tn_pct[-1]}% of sink) ternd-nopoll=${tn3[-1]} ($(ratio ${tn3[-1]} ${pf[-1]}), ${tn3_pct[-1]}%) ternd-unpinned=${tn_np[-1]} ($(ratio ${tn_np[-1]} ${pf[-1]}))${BASE:+ ternd-base=${tb[-1]} ($(ratio ${tb[-1]} ${pf[-1]}))} cpu/msg ternd=${tn_cpu[-1]}us nopoll=${tn3_cpu[-1]}us${BASE:+ base=${tb_cpu[-1]}us}; tern-load postfix=${pf2[-1]} ternd=${tn2[-1]} ($(ratio ${tn2[-1]} ${pf2[-1]})) ternd-unpinned=${tn2_np[-1]}"
 done
 S=$(median "${sink[@]}"); P=$(median "${pf[@]}"); PE=$(median "${pf_e2e[@]}"); T=$(median "${tn[@]}"); TU=$(median "${tn_np[@]}")
 P2=$(median "${pf2[@]}"); T2=$(median "${tn2[@]}"); T2U=$(median "${tn2_np[@]}")
@@ -147,6 +159,10 @@ printf '%-46s %10s   (end to end incl. relay: %s)\n' "postfix 3.7 (fsync, relays
 printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd (defaults: one pinned shard per core)" "$T" "$(ratio $T $P)" "$((100 * T / S))"
 printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd ([tuning] pin_shards = false)" "$TU" "$(ratio $TU $P)" "$((100 * TU / S))"
 printf '%-46s %10s\n' "ternd CPU per message (user+system, us)" "$(median "${tn_cpu[@]}")"
+T3=$(median "${tn3[@]}")
+printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd ([tuning] idle_poll_us = 0)" "$T3" "$(ratio $T3 $P)" "$((100 * T3 / S))"
+printf '%-46s %10s\n' "ternd idle_poll_us = 0 CPU per message (us)" "$(median "${tn3_cpu[@]}")"
+echo "median of the per-round ratios to the ceiling: ternd $(median "${tn_pct[@]}")%, idle_poll_us = 0 $(median "${tn3_pct[@]}")%"
 if [ -n "${BASE:-}" ]; then
   TB=$(median "${tb[@]}")
   printf '%-46s %10s   %s of postfix, %s%% of the ceiling\n' "ternd base ($BASE)" "$TB" "$(ratio $TB $P)" "$((100 * TB / S))"

@@ -628,7 +628,7 @@ config parse(const ctx& c, const toml::table& root) {
   if (auto* t = get_table(c, root, "tuning")) {
     check_keys(c, *t, "tuning.",
                {"recv_buffers", "recv_buffer_size", "pin_shards", "listen_backlog", "accept_resume",
-                "ring_entries", "buffer_keep"});
+                "ring_entries", "buffer_keep", "idle_poll_us"});
     cfg.tuning.pin_shards = get_bool(c, *t, "pin_shards", "tuning.pin_shards", true);
     cfg.tuning.recv_buffers = get_int<uint32_t>(c, *t, "recv_buffers", "tuning.recv_buffers",
                                                 cfg.tuning.recv_buffers, 1, 32768);
@@ -652,6 +652,8 @@ config parse(const ctx& c, const toml::table& root) {
       c.fail(t->get("ring_entries")->source(), "tuning.ring_entries", "must be a power of two");
     cfg.tuning.buffer_keep = get_int<uint32_t>(c, *t, "buffer_keep", "tuning.buffer_keep",
                                                cfg.tuning.buffer_keep, 4096, 64 << 20);
+    cfg.tuning.idle_poll_us = get_int<uint32_t>(c, *t, "idle_poll_us", "tuning.idle_poll_us",
+                                                cfg.tuning.idle_poll_us, 0, 10000);
   }
   // Every slot is a file descriptor: a value the process can never open is refused here,
   // not found out under load as EMFILE (ternd checks the soft limit again at start).

@@ -162,6 +162,7 @@ struct config {
     uint32_t accept_resume = 0;        // free slots at which a paused accept resumes; 0 = connections / 16
     uint32_t ring_entries = 1024;      // io_uring submission queue entries per shard
     uint32_t buffer_keep = 64 * 1024;  // bytes a session slot's buffers keep between uses
+    uint32_t idle_poll_us = 100;       // a shard polls its ring this long before sleeping (0: never)
   } tuning;
   std::string log_level = "info";
   std::vector<next_hop> smarthosts;

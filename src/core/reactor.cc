@@ -1,5 +1,6 @@
 #include "src/core/reactor.hh"
 
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -93,12 +94,15 @@ bool reactor::init(const reactor_options& o, std::string& err) {
   uint32_t cq = std::clamp<uint32_t>(o.cq_entries, 2 * sq, max_cq_entries);
   io_uring_params p{};
   p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
-  if (o.defer_taskrun) p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+  // TASKRUN_FLAG: the kernel raises IORING_SQ_TASKRUN when completions wait to be run, so
+  // an idle poll can see work without entering the kernel.
+  if (o.defer_taskrun)
+    p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   p.cq_entries = cq;
   int r = io_uring_queue_init_params(sq, &ring_, &p);
   if (r == -EINVAL && o.defer_taskrun) {  // older kernel: no DEFER_TASKRUN
     p = io_uring_params{};
-    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN;
+    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
     p.cq_entries = cq;
     r = io_uring_queue_init_params(sq, &ring_, &p);
   }
@@ -298,9 +302,40 @@ void reactor::run_once(loop_hooks& hooks, uint64_t max_wait_ms) {
   if (wait == 0) {
     io_uring_submit(&ring_);
   } else {
+    if (opt_.idle_poll_us) idle_poll(std::min<uint64_t>(opt_.idle_poll_us, wait * 1000));
     __kernel_timespec ts{static_cast<long long>(wait / 1000), static_cast<long long>((wait % 1000) * 1000000)};
     io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
   }
+}
+
+// Submit, then watch the ring for up to `us` microseconds. Between looks the thread yields,
+// so a runnable thread that shares this CPU (a client, the HA thread) runs first: the poll
+// only uses time the CPU would otherwise spend idle. Returns true when work arrived; the
+// io_uring_enter that follows then runs it without sleeping (or sleeps as before if the
+// work was a completion that posts nothing).
+bool reactor::idle_poll(uint64_t us) noexcept {
+  io_uring_submit(&ring_);
+  auto work = [this] {
+    return (IO_URING_READ_ONCE(*ring_.sq.kflags) & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) ||
+           io_uring_cq_ready(&ring_);
+  };
+  timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (;;) {
+    for (int i = 0; i < 16; ++i) {
+      if (work()) {
+        ctr_.idle_poll_hits.store(ctr_.idle_poll_hits.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        return true;
+      }
+      __builtin_ia32_pause();
+    }
+    timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (uint64_t((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec)) >= us * 1000) break;
+    sched_yield();
+  }
+  ctr_.idle_poll_misses.store(ctr_.idle_poll_misses.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  return false;
 }
 
 void reactor::run(loop_hooks& hooks) {

@@ -169,6 +169,10 @@ struct reactor_options {
   // Opcodes the users need: each missing one is named in the error.
   std::vector<std::pair<int, const char*>> required_ops;
   uint64_t tick_ms = 1000;        // longest wait in one io_uring_enter
+  // Before sleeping in io_uring_enter, poll the ring for this long, yielding the CPU to any
+  // other runnable thread between looks (0: sleep at once). A completion that arrives while
+  // the loop polls needs no wake-up (no IPI, no context switch); see docs/architecture.md.
+  uint32_t idle_poll_us = 0;
   // The eventfd whose READ wakes the loop (an inbox's); -1: the reactor makes its own.
   // The reactor keeps a READ armed on it; wake() writes to it.
   int wake_fd = -1;
@@ -183,6 +187,8 @@ struct alignas(64) reactor_counters {
   std::atomic<uint64_t> submits{0};
   std::atomic<uint64_t> sq_full{0};       // get_sqe found the SQ full and submitted early
   std::atomic<uint64_t> cq_overflow{0};   // the kernel reported an overflowed CQ
+  std::atomic<uint64_t> idle_poll_hits{0};   // idle polls that found work before sleeping
+  std::atomic<uint64_t> idle_poll_misses{0}; // idle polls that ran out and went to sleep
 };
 
 class reactor {
@@ -227,6 +233,7 @@ class reactor {
 
  private:
   void reap();
+  bool idle_poll(uint64_t us) noexcept;
   void dispatch(const io_uring_cqe& cqe);
   void arm_wake();
 

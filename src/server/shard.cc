@@ -68,6 +68,7 @@ bool shard::init(std::string& err) {
   ro.recv_buffers = cfg_.tuning.recv_buffers;
   ro.recv_buffer_size = cfg_.tuning.recv_buffer_size;
   ro.need_multishot_recv = true;
+  ro.idle_poll_us = cfg_.tuning.idle_poll_us;
   // The loop turns at least this often even when idle, so its heartbeat stays fresh: with
   // [ha], a quarter of the heartbeat timeout, or an idle shard would look stuck.
   ro.tick_ms = cfg_.ha.enabled ? std::clamp<uint64_t>(cfg_.ha.heartbeat_timeout_ms / 4, 10, tick_ms) : tick_ms;
@@ -158,13 +159,14 @@ void shard::log_stats(const char* what) {
   log::info("shard {}: {}: connections={} messages={} spool_batches={} ({:.1f} messages per fdatasync) "
             "spool_failures={} refused_full={} refused_untrusted={} proxy_errors={} enobufs={} input_paused={} "
             "output_paused={} memory_paused={} message_memory={} message_memory_peak={} send_timeouts={} timeouts={} "
-            "loop_iterations={} sq_full={}",
+            "loop_iterations={} sq_full={} idle_poll_hits={} idle_poll_misses={}",
             setup_.index, what, ctr_.connections.load(), ctr_.messages.load(), writer_.batches(),
             writer_.batches() ? double(writer_.records()) / double(writer_.batches()) : 0.0,
             ctr_.spool_failures.load(), ctr_.refused_full.load(), ctr_.refused_untrusted.load(),
             ctr_.proxy_errors.load(), ctr_.enobufs.load(), ctr_.input_paused.load(), ctr_.output_paused.load(),
             ctr_.memory_paused.load(), ctr_.message_memory.load(), ctr_.message_memory_peak.load(),
-            ctr_.send_timeouts.load(), ctr_.timeouts.load(), lc.iterations.load(), lc.sq_full.load());
+            ctr_.send_timeouts.load(), ctr_.timeouts.load(), lc.iterations.load(), lc.sq_full.load(),
+            lc.idle_poll_hits.load(), lc.idle_poll_misses.load());
   if (delivery_) {
     const auto& d = delivery_->counters();
     log::info("shard {}: {}: delivery: queued={} connections={} connect_failures={} messages_sent={} "

@@ -121,6 +121,23 @@ TEST(Config, SpoolFsync) {
             "t.toml:2: spool.max_batch_bytes: must be between 1048576 and 1073741824");
 }
 
+TEST(Config, IdlePoll) {
+  std::string err;
+  auto c = load_string("[[listen]]\naddress = \"127.0.0.1:25\"\n", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_EQ(c->tuning.idle_poll_us, 100u);
+  c = load_string("[[listen]]\naddress = \"127.0.0.1:25\"\n[tuning]\nidle_poll_us = 0\n", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_EQ(c->tuning.idle_poll_us, 0u);
+  c = load_string("[[listen]]\naddress = \"127.0.0.1:25\"\n[tuning]\nidle_poll_us = 10000\n", "t.toml", err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_EQ(c->tuning.idle_poll_us, 10000u);
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[tuning]\nidle_poll_us = 10001\n"),
+            "t.toml:4: tuning.idle_poll_us: must be between 0 and 10000");
+  EXPECT_EQ(error_of("[[listen]]\naddress = \"127.0.0.1:25\"\n[tuning]\nidle_poll_us = -1\n"),
+            "t.toml:4: tuning.idle_poll_us: must be between 0 and 10000");
+}
+
 // The largest message that can get a 250 must fit the spool reader's record bound: the
 // config check refuses a message_size whose record could exceed it, at the exact edge.
 TEST(Config, MessageSizeFitsTheSpoolRecordBound) {

@@ -236,5 +236,74 @@ TEST(Reactor, WakeFromAnotherThreadEndsTheWait) {
   EXPECT_LT(monotonic_ms() - t0, 60000u);  // a correctness guard, not a performance bound
 }
 
+// Idle poll: a completion that is already there when the loop would sleep is found by the
+// poll (a hit), so io_uring_enter does not sleep for it. A NOP queued by the loop's own flush
+// is submitted by the poll and completes inline: deterministic, no timing involved.
+TEST(Reactor, IdlePollFindsACompletionBeforeSleeping) {
+  reactor rx;
+  reactor_options o;
+  o.idle_poll_us = 10000;
+  o.tick_ms = 600000;  // a miss would sleep for ten minutes: the test would hang, not pass
+  std::string err;
+  ASSERT_TRUE(rx.init(o, err)) << err;
+  struct hooks final : recorder {
+    bool queued = false;
+    void flush() override {
+      if (queued) return;
+      queued = true;
+      io_uring_sqe* s = rx->get_sqe();
+      io_uring_prep_nop(s);
+      io_uring_sqe_set_data64(s, ud::make(owner::test, 1, 7, 0));
+    }
+  } h;
+  h.rx = &rx;
+  h.want = 1;
+  rx.set_handler(owner::test, &h);
+  rx.run(h);
+  ASSERT_EQ(h.cqes.size(), 1u);
+  EXPECT_EQ(ud::index(h.cqes[0].ud), 7u);
+  EXPECT_GE(rx.counters().idle_poll_hits.load(), 1u);
+}
+
+// Nothing arrives: the poll gives up after its budget (a miss) and the loop sleeps until the
+// timer, which still fires.
+TEST(Reactor, IdlePollGivesUpAndTheTimerStillFires) {
+  reactor rx;
+  reactor_options o;
+  o.idle_poll_us = 500;
+  std::string err;
+  ASSERT_TRUE(rx.init(o, err)) << err;
+  struct hooks final : recorder {
+    bool keep_running() override { return timers.empty(); }
+  } h;
+  rx.set_handler(owner::test, &h);
+  timer a;
+  a.data = ud::make(owner::test, 0, 1, 0);
+  rx.timers().arm(a, rx.now_ms() + 20);
+  rx.run(h);
+  ASSERT_EQ(h.timers.size(), 1u);
+  EXPECT_GE(rx.counters().idle_poll_misses.load(), 1u);
+}
+
+// A wake-up from another thread ends the wait whether it lands during the poll or after it.
+TEST(Reactor, IdlePollStillWakesOnAPostFromAnotherThread) {
+  reactor rx;
+  reactor_options o;
+  o.idle_poll_us = 10000;
+  o.tick_ms = 600000;
+  std::string err;
+  ASSERT_TRUE(rx.init(o, err)) << err;
+  struct hooks final : recorder {
+    bool keep_running() override { return !saw_post; }
+  } h;
+  std::thread t([&] {
+    h.posted.store(true);
+    rx.wake();
+  });
+  rx.run(h);
+  t.join();
+  EXPECT_TRUE(h.saw_post);
+}
+
 }  // namespace
 }  // namespace tern::core
